@@ -1,0 +1,39 @@
+# Two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET_PIP := { grep -v "is ignored" || true; }
+# The CPU wheel of torch 2.13.0 is what CPU machines get; on a GPU node pip
+# resolves the same pin to the CUDA build. Override with TORCH_SPEC=... or
+# install your own torch into .venv first: setup keeps an importable torch.
+TORCH_SPEC ?= torch==2.13.0
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export OMP_WAIT_POLICY ?= PASSIVE
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	$(PY) -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import mace_ood, flows, tasks, prefect, prefect_dask"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/mace-ood demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check mace_ood flows tasks tests benchmarks
+
+clean:
+	rm -rf $(VENV) .prefect demo_work

@@ -1,0 +1,226 @@
+"""Run configuration: one pydantic model, read from YAML, unknown keys rejected.
+
+Relative paths in a config file are resolved against the file's own folder, so a
+config can travel with its data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message is one line naming the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelFamily(_Strict):
+    """A set of MACE models trained on one dataset with different random seeds."""
+
+    trained_on: str = Field(description="Name of the dataset (key of `datasets`) the seeds were trained on.")
+    models: list[str] = Field(
+        min_length=1, description="MACE `.model` files or globs, one file per seed."
+    )
+
+
+class Evaluation(_Strict):
+    """One (model family, dataset) pair to score."""
+
+    family: str = Field(description="Key of `model_families`.")
+    dataset: str = Field(description="Key of `datasets`.")
+
+
+class SelectConfig(_Strict):
+    top_k: int = Field(30, ge=1, description="Structures selected per evaluation.")
+    score: Literal["latent_variance"] = Field(
+        "latent_variance", description="Score used for ranking."
+    )
+
+
+class MetadataConfig(_Strict):
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Extra regexes with named groups, matched against each structure's name; "
+        "every named group becomes a report column.",
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"metadata pattern {pattern!r} is not a valid regex: {exc}") from None
+            if not compiled.groupindex:
+                raise ValueError(f"metadata pattern {pattern!r} has no named group (?P<name>...)")
+        return patterns
+
+
+class DaskConfig(_Strict):
+    n_workers: int | None = Field(
+        None, ge=1, description="Workers of the local cluster; default: one per GPU, else 1."
+    )
+    address: str | None = Field(
+        None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DaskConfig:
+        if self.address and self.n_workers:
+            raise ValueError("dask: give either `address` or `n_workers`, not both")
+        return self
+
+
+class ExtractionSettings(_Strict):
+    """What changes the latents (or how they are stored); recorded in every latent file."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    default_dtype: Literal["float32", "float64"] = Field(
+        "float64", description="dtype the models are run in (always explicit)."
+    )
+    batch_size: int = Field(16, ge=1, description="Maximum structures per forward pass.")
+    max_atoms_per_batch: int = Field(
+        4096, ge=1, description="Atom budget of one forward pass; a larger structure runs alone."
+    )
+    layers: Literal["last", "all"] = Field(
+        "last",
+        description="`last`: the invariants the readout sees (last layer); `all`: every layer's invariants.",
+    )
+    chunk_atoms: int = Field(16384, ge=64, description="netCDF chunk length along atoms.")
+    compression: Literal["zlib", "none"] = Field("zlib", description="netCDF compression of latents.")
+
+
+class RunConfig(ExtractionSettings):
+    """Everything one mace-ood run needs. Flow parameter and YAML file alike."""
+
+    output_dir: Path = Field(description="Where latents, scores and reports go.")
+    datasets: dict[str, list[str]] = Field(
+        description="Dataset name -> structure files or globs (anything ase.io.read reads)."
+    )
+    model_families: dict[str, ModelFamily] = Field(description="Family name -> seeds + training set.")
+    evaluations: Literal["cross"] | list[Evaluation] = Field(
+        "cross", description="`cross`: each family scores every dataset it was not trained on."
+    )
+    reference: bool = Field(
+        False, description="Also score each family's own training set (in-distribution reference)."
+    )
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+    @field_validator("datasets")
+    @classmethod
+    def _non_empty_datasets(cls, datasets: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not datasets:
+            raise ValueError("datasets: at least one dataset is needed")
+        for name, patterns in datasets.items():
+            if not patterns:
+                raise ValueError(f"datasets.{name}: no files given")
+        return datasets
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> RunConfig:
+        for family_name, family in self.model_families.items():
+            if family.trained_on not in self.datasets:
+                raise ValueError(
+                    f"model_families.{family_name}.trained_on: unknown dataset {family.trained_on!r} "
+                    f"(datasets: {', '.join(self.datasets)})"
+                )
+        if isinstance(self.evaluations, list):
+            for evaluation in self.evaluations:
+                if evaluation.family not in self.model_families:
+                    raise ValueError(f"evaluations: unknown family {evaluation.family!r}")
+                if evaluation.dataset not in self.datasets:
+                    raise ValueError(f"evaluations: unknown dataset {evaluation.dataset!r}")
+        return self
+
+    def extraction_settings(self) -> ExtractionSettings:
+        return ExtractionSettings(**{k: getattr(self, k) for k in ExtractionSettings.model_fields})
+
+    def evaluation_pairs(self) -> list[tuple[str, str, bool]]:
+        """(family, dataset, is_reference) for every evaluation to run, in a stable order."""
+        pairs: list[tuple[str, str, bool]] = []
+        if self.evaluations == "cross":
+            for family_name, family in self.model_families.items():
+                for dataset in self.datasets:
+                    if dataset != family.trained_on:
+                        pairs.append((family_name, dataset, False))
+        else:
+            for evaluation in self.evaluations:
+                trained_on = self.model_families[evaluation.family].trained_on
+                pairs.append((evaluation.family, evaluation.dataset, evaluation.dataset == trained_on))
+        if self.reference:
+            for family_name, family in self.model_families.items():
+                if (family_name, family.trained_on, True) not in pairs:
+                    pairs.append((family_name, family.trained_on, True))
+        return pairs
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {location!r}"
+    if error["type"] == "missing":
+        return f"missing key {location!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a mapping into a RunConfig, raising ConfigError with a one-line message."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_format_error(error) for error in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def _resolve(path_or_glob: str, base_dir: Path) -> str:
+    path = Path(path_or_glob).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config; relative paths are taken from the config file's folder.
+
+    Parameters
+    ----------
+    path
+        YAML file.
+    overrides
+        Top-level keys that replace the file's values (CLI flags); ``None`` values are ignored.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    base_dir = path.resolve().parent
+    if isinstance(data.get("datasets"), dict):
+        data["datasets"] = {
+            name: [_resolve(p, base_dir) for p in ([files] if isinstance(files, str) else files or [])]
+            for name, files in data["datasets"].items()
+        }
+    if isinstance(data.get("model_families"), dict):
+        for family in data["model_families"].values():
+            if isinstance(family, dict) and "models" in family:
+                models = family["models"]
+                family["models"] = [_resolve(p, base_dir) for p in ([models] if isinstance(models, str) else models)]
+    if "output_dir" in data and data["output_dir"] is not None:
+        data["output_dir"] = _resolve(str(data["output_dir"]), base_dir)
+    return config_from_dict(data, source=str(path))
+

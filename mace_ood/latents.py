@@ -1,0 +1,292 @@
+"""Per-atom invariant latents of a MACE model, streamed to a netCDF file.
+
+The latents are the 0e columns of the model's own ``node_feats`` output (no change to
+mace), computed on graphs built by mace's data pipeline in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from mace_ood.config import ExtractionSettings
+from mace_ood.metadata import info_fields
+from mace_ood.models import DTYPES, cached_model, invariant_columns, resolve_device, sha256_of
+from mace_ood.oom import OutOfMemoryError, free_device_memory, is_out_of_memory
+from mace_ood.store import LatentWriter, read_attrs
+from mace_ood.structures import InputError, StructureRef, check_structure, iter_structures
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+
+
+class LatentExtractor:
+    """Runs one MACE model and returns per-atom invariant latents.
+
+    Parameters
+    ----------
+    model_path
+        MACE ``.model`` file.
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    default_dtype
+        ``float32`` or ``float64``; the model and the graphs are both cast to it.
+    layers
+        ``last`` (the readout's input) or ``all`` layers' invariants.
+    max_atoms_per_forward
+        Injectable memory budget: a forward pass over more atoms raises the same
+        out-of-memory error a GPU would. ``None``: no budget.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "auto",
+        default_dtype: str = "float64",
+        layers: str = "last",
+        max_atoms_per_forward: int | None = None,
+    ) -> None:
+        import mace.data
+        from mace.tools import AtomicNumberTable
+
+        self._mace_data = mace.data
+        self.model_path = str(model_path)
+        self.model_sha256 = sha256_of(model_path)
+        self.device = resolve_device(device)
+        self.default_dtype = default_dtype
+        self.dtype = DTYPES[default_dtype]
+        self.model = cached_model(self.model_path, self.device, default_dtype, self.model_sha256)
+        self.columns = torch.tensor(invariant_columns(self.model, layers), device=self.device)
+        self.layers = layers
+        self.n_features = len(self.columns)
+        self.atomic_numbers = [int(z) for z in self.model.atomic_numbers]
+        self.z_table = AtomicNumberTable(self.atomic_numbers)
+        self.r_max = float(self.model.r_max)
+        self.heads = list(getattr(self.model, "heads", None) or ["Default"])
+        self.head = next((h for h in self.heads if h.lower() == "default"), self.heads[-1])
+        self.max_atoms_per_forward = max_atoms_per_forward
+        self.forward_passes = 0
+
+    def graph(self, atoms: Atoms):
+        """mace's AtomicData for one structure, in the model's dtype."""
+        from mace.tools.torch_tools import default_dtype
+
+        with default_dtype(self.dtype):
+            config = self._mace_data.config_from_atoms(atoms, head_name=self.head)
+            return self._mace_data.AtomicData.from_config(
+                config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads
+            )
+
+    def _forward(self, graphs: list) -> list[np.ndarray]:
+        from mace.tools.torch_geometric.batch import Batch
+
+        n_atoms = sum(int(g.num_nodes) for g in graphs)
+        if self.max_atoms_per_forward is not None and n_atoms > self.max_atoms_per_forward:
+            raise OutOfMemoryError(
+                f"out of memory: {n_atoms} atoms exceed the budget of {self.max_atoms_per_forward}"
+            )
+        batch = Batch.from_data_list(graphs).to(self.device)
+        with torch.inference_mode():
+            node_feats = self.model(batch.to_dict(), compute_force=False)["node_feats"]
+            latents = node_feats.index_select(1, self.columns).cpu().numpy()
+        self.forward_passes += 1
+        bounds = batch.ptr.cpu().numpy()
+        return [latents[bounds[i] : bounds[i + 1]] for i in range(len(graphs))]
+
+    def latents(self, graphs: list, on_backoff: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Latents of each graph; on out-of-memory the batch is split in halves, down to one graph."""
+        try:
+            return self._forward(graphs)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(graphs) == 1:
+                raise
+            free_device_memory()
+            half = len(graphs) // 2
+            if on_backoff is not None:
+                on_backoff(half)
+            return self.latents(graphs[:half], on_backoff) + self.latents(graphs[half:], on_backoff)
+
+    def __call__(self, atoms: Atoms) -> np.ndarray:
+        """Latents of a single structure, shape (n_atoms, n_features)."""
+        return self.latents([self.graph(atoms)])[0]
+
+
+@dataclass
+class ExtractionSummary:
+    """Small, serialisable result of one extraction (what a task returns)."""
+
+    path: str
+    model_path: str
+    model_sha256: str
+    n_structures: int = 0
+    n_atoms: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    forward_passes: int = 0
+    wall_s: float = 0.0
+    smallest_batch: int = 0
+    reused: bool = False
+
+    @property
+    def atoms_per_s(self) -> float:
+        return self.n_atoms / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["atoms_per_s"] = round(self.atoms_per_s, 1)
+        return data
+
+
+def inputs_fingerprint(files: Iterable[str]) -> str:
+    """Content hash of a dataset's files (order-sensitive)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).name.encode())
+        digest.update(sha256_of(path).encode())
+    return digest.hexdigest()
+
+
+def _batches(
+    items: Iterator[tuple[StructureRef, object, Atoms]], batch_size: int, max_atoms: int
+) -> Iterator[list[tuple[StructureRef, object, Atoms]]]:
+    batch: list = []
+    atoms_in_batch = 0
+    for item in items:
+        n_atoms = len(item[2])
+        if batch and (len(batch) >= batch_size or atoms_in_batch + n_atoms > max_atoms):
+            yield batch
+            batch, atoms_in_batch = [], 0
+        batch.append(item)
+        atoms_in_batch += n_atoms
+    if batch:
+        yield batch
+
+
+def extract_to_netcdf(
+    model_path: str | Path,
+    files: list[str],
+    out_path: str | Path,
+    settings: ExtractionSettings,
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    max_atoms_per_forward: int | None = None,
+    attrs: dict | None = None,
+) -> ExtractionSummary:
+    """Run one model over every structure of ``files`` and stream latents to ``out_path``.
+
+    A finished file whose recorded model hash, input fingerprint and settings match is
+    reused without a forward pass. Structures that cannot be scored are skipped and listed
+    (with the reason) in the summary and the file's ``skipped_json`` attribute.
+
+    Parameters
+    ----------
+    batch_size
+        Overrides ``settings.batch_size`` (Prefect retries halve it).
+    progress
+        Called as ``progress(n_structures_done, n_atoms_done)`` after each batch.
+    """
+    out_path = Path(out_path)
+    started = time.perf_counter()
+    settings_json = settings.model_dump_json(exclude={"device"})
+    fingerprint = inputs_fingerprint(files)
+    model_sha = sha256_of(model_path)
+    if out_path.is_file():
+        existing = read_attrs(out_path)
+        if (
+            existing.get("model_sha256") == model_sha
+            and existing.get("inputs_fingerprint") == fingerprint
+            and existing.get("extraction_settings") == settings_json
+            and existing.get("format_version") == FORMAT_VERSION
+        ):
+            return ExtractionSummary(
+                path=str(out_path), model_path=str(model_path), model_sha256=model_sha,
+                n_structures=int(existing["n_structures"]), n_atoms=int(existing["n_atoms"]),
+                skipped=json.loads(existing.get("skipped_json", "[]")), reused=True,
+            )
+
+    extractor = LatentExtractor(
+        model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward
+    )
+    batch_size = batch_size or settings.batch_size
+    summary = ExtractionSummary(
+        path=str(out_path), model_path=str(model_path), model_sha256=model_sha, smallest_batch=batch_size
+    )
+    allowed = set(extractor.atomic_numbers)
+
+    def graphs() -> Iterator[tuple[StructureRef, object, Atoms]]:
+        for ref, atoms in iter_structures(files):
+            reason = check_structure(atoms, allowed)
+            if reason is None:
+                try:
+                    graph = extractor.graph(atoms)
+                except Exception as exc:  # noqa: BLE001 - any failure skips this structure only
+                    reason = f"graph construction failed: {exc}"
+            if reason is not None:
+                summary.skipped.append({**asdict(ref), "reason": reason})
+                log.warning("skipped %s (%s): %s", ref.structure_id, ref.source_file, reason)
+                continue
+            yield ref, graph, atoms
+
+    def on_backoff(size: int) -> None:
+        summary.smallest_batch = min(summary.smallest_batch, size)
+        log.warning("out of memory: batch split to %d structures", size)
+
+    import mace
+    import torch as _torch
+
+    file_attrs = {
+        "title": "mace-ood per-atom invariant latents",
+        "format_version": FORMAT_VERSION,
+        "model_file": str(model_path),
+        "model_sha256": model_sha,
+        "inputs_fingerprint": fingerprint,
+        "extraction_settings": settings_json,
+        "mace_torch_version": getattr(mace, "__version__", "unknown"),
+        "torch_version": _torch.__version__,
+        "default_dtype": settings.default_dtype,
+        "layers": settings.layers,
+        "device": extractor.device,
+        "r_max": extractor.r_max,
+        "atomic_numbers": json.dumps(extractor.atomic_numbers),
+        **(attrs or {}),
+    }
+    writer = LatentWriter(
+        out_path, extractor.n_features, settings.default_dtype, file_attrs,
+        settings.chunk_atoms, settings.compression,
+    )
+    try:
+        for batch in _batches(graphs(), batch_size, settings.max_atoms_per_batch):
+            batch_latents = extractor.latents([g for _, g, _ in batch], on_backoff)
+            for (ref, _, atoms), latents in zip(batch, batch_latents, strict=True):
+                writer.append(
+                    ref.structure_id, ref.source_file, ref.frame_index, latents,
+                    formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
+                )
+            summary.n_structures = writer.n_structures
+            summary.n_atoms = writer.n_atoms_total
+            if progress is not None:
+                progress(summary.n_structures, summary.n_atoms)
+        if writer.n_structures == 0:
+            raise InputError(f"{out_path.name}: no structure could be scored ({len(summary.skipped)} skipped)")
+        writer.set_attrs({
+            "n_structures": writer.n_structures,
+            "n_atoms": writer.n_atoms_total,
+            "skipped_json": json.dumps(summary.skipped),
+        })
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    summary.forward_passes = extractor.forward_passes
+    summary.wall_s = time.perf_counter() - started
+    return summary

@@ -1,0 +1,195 @@
+"""Tables, selected structures (CIF + extxyz) and the Excel report.
+
+Every file is written under a temporary name in its folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from mace_ood.metadata import parse_name
+from mace_ood.structures import read_structure
+
+BASE_COLUMNS = [
+    "family", "dataset", "reference", "rank", "latent_variance", "structure_id",
+    "source_file", "frame_index", "n_atoms", "formula",
+]
+VACUUM_BOX_A = 10.0
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluation_label(family: str, dataset: str) -> str:
+    return f"{family}__{dataset}"
+
+
+def write_scores_netcdf(scores: xr.Dataset, path: str | Path) -> Path:
+    """Compute the lazy scores once and store them (per atom and per structure)."""
+    with atomic_path(path) as tmp:
+        scores.to_netcdf(tmp, engine="netcdf4")
+    return Path(path)
+
+
+def evaluation_table(
+    scores_path: str | Path,
+    family: str,
+    dataset: str,
+    reference: bool,
+    patterns: list[str] | tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """One row per structure of an evaluation, ranked by latent variance (1 = most OOD)."""
+    with xr.open_dataset(scores_path, engine="netcdf4") as ds:
+        frame = pd.DataFrame({
+            "structure_id": ds["structure_id"].values.astype(str),
+            "source_file": ds["source_file"].values.astype(str),
+            "frame_index": ds["frame_index"].values,
+            "n_atoms": ds["n_atoms"].values,
+            "formula": ds["formula"].values.astype(str),
+            "latent_variance": ds["latent_variance"].values,
+            "info_json": ds["info_json"].values.astype(str),
+        })
+    frame.insert(0, "family", family)
+    frame.insert(1, "dataset", dataset)
+    frame.insert(2, "reference", reference)
+    frame["rank"] = frame["latent_variance"].rank(ascending=False, method="first").astype(int)
+    metadata = [
+        {**json.loads(info), **parse_name(sid, patterns)}
+        for sid, info in zip(frame["structure_id"], frame["info_json"], strict=True)
+    ]
+    frame = frame.drop(columns="info_json")
+    meta = pd.DataFrame(metadata, index=frame.index)
+    meta = meta[[c for c in meta.columns if c not in frame.columns]]
+    frame = pd.concat([frame, meta], axis=1)
+    ordered = BASE_COLUMNS + [c for c in frame.columns if c not in BASE_COLUMNS]
+    return frame[ordered].sort_values("rank").reset_index(drop=True)
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_")[:limit] or "structure"
+
+
+def write_selected(
+    table: pd.DataFrame, scores_path: str | Path, out_dir: str | Path, top_k: int
+) -> pd.DataFrame:
+    """Write the top ``top_k`` rows as CIF and extended XYZ; returns those rows with file paths.
+
+    The extxyz file carries the per-atom score in ``atoms.arrays["MACE_OOD_latent_variance"]``
+    (colour by it in OVITO or the ASE GUI). Structures without a cell get a box with
+    ``VACUUM_BOX_A`` of vacuum around them for the CIF.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected = table.nsmallest(top_k, "rank").copy()
+    width = max(2, len(str(top_k)))
+    cif_paths, xyz_paths, worst_atoms = [], [], []
+    with xr.open_dataset(scores_path, engine="netcdf4") as ds:
+        offsets = pd.Series(ds["atom_offset"].values, index=ds["structure_id"].values.astype(str))
+        per_atom = ds["atom_latent_variance"]
+        for row in selected.itertuples():
+            atoms = read_structure(row.source_file, int(row.frame_index))
+            start = int(offsets[row.structure_id])
+            atom_scores = per_atom.values[start : start + int(row.n_atoms)]
+            atoms.arrays["MACE_OOD_latent_variance"] = np.asarray(atom_scores, dtype=float)
+            atoms.info["MACE_OOD_latent_variance"] = float(row.latent_variance)
+            atoms.info["MACE_OOD_rank"] = int(row.rank)
+            stem = f"{int(row.rank):0{width}d}_{safe_name(row.structure_id)}"
+            cif_atoms = atoms.copy()
+            if not cif_atoms.cell.rank == 3:
+                cif_atoms.center(vacuum=VACUUM_BOX_A)
+                cif_atoms.pbc = False
+            cif_path = out_dir / f"{stem}.cif"
+            with atomic_path(cif_path) as tmp:
+                ase.io.write(tmp, cif_atoms, format="cif")
+            xyz_path = out_dir / f"{stem}.extxyz"
+            with atomic_path(xyz_path) as tmp:
+                ase.io.write(tmp, atoms, format="extxyz")
+            cif_paths.append(str(cif_path))
+            xyz_paths.append(str(xyz_path))
+            worst_atoms.append(int(np.argmax(atom_scores)))
+    selected["most_uncertain_atom"] = worst_atoms
+    selected["cif"] = cif_paths
+    selected["extxyz"] = xyz_paths
+    return selected
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def sheet_name(text: str, taken: set[str]) -> str:
+    name = re.sub(r"[\[\]:*?/\\]", "_", text)[:31]
+    base, n = name, 2
+    while name in taken:
+        suffix = f"~{n}"
+        name, n = base[: 31 - len(suffix)] + suffix, n + 1
+    taken.add(name)
+    return name
+
+
+def write_excel(
+    path: str | Path,
+    summary: pd.DataFrame,
+    selected: dict[str, pd.DataFrame],
+    skipped: pd.DataFrame,
+) -> Path:
+    """Excel report: a summary sheet, one sheet per evaluation (its top K), a skipped sheet."""
+    from openpyxl.formatting.rule import ColorScaleRule
+    from openpyxl.utils import get_column_letter
+
+    def format_sheet(sheet, frame: pd.DataFrame, score_column: str | None) -> None:
+        sheet.freeze_panes = "A2"
+        if frame.shape[1]:
+            sheet.auto_filter.ref = sheet.dimensions
+        for index, column in enumerate(frame.columns, start=1):
+            values = [str(column)] + [str(v) for v in frame[column].head(500)]
+            sheet.column_dimensions[get_column_letter(index)].width = min(60, max(8, max(map(len, values)) + 2))
+        if score_column in frame.columns and len(frame):
+            letter = get_column_letter(list(frame.columns).index(score_column) + 1)
+            sheet.conditional_formatting.add(
+                f"{letter}2:{letter}{len(frame) + 1}",
+                ColorScaleRule(start_type="min", start_color="FFF8E1", mid_type="percentile",
+                               mid_value=50, mid_color="FFB74D", end_type="max", end_color="D84315"),
+            )
+        for cell in sheet[1]:
+            cell.font = cell.font.copy(bold=True)
+
+    taken: set[str] = set()
+    with atomic_path(path) as tmp:
+        with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+            name = sheet_name("summary", taken)
+            summary.to_excel(writer, sheet_name=name, index=False)
+            format_sheet(writer.sheets[name], summary, "max_latent_variance")
+            for label, frame in selected.items():
+                name = sheet_name(label, taken)
+                frame.to_excel(writer, sheet_name=name, index=False)
+                format_sheet(writer.sheets[name], frame, "latent_variance")
+            name = sheet_name("skipped", taken)
+            skipped.to_excel(writer, sheet_name=name, index=False)
+            format_sheet(writer.sheets[name], skipped, None)
+    return Path(path)

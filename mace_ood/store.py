@@ -1,0 +1,203 @@
+"""Latent files: one netCDF4 file per (family, seed, dataset), written as batches arrive.
+
+Layout::
+
+    latent(atom, feature)      float32/float64, chunked (chunk_atoms, n_feature), compressed
+    atom_offset(structure)     first row of each structure in `latent`
+    n_atoms(structure)
+    structure_id(structure)    str
+    source_file(structure)     str
+    frame_index(structure)
+    formula(structure)         str, e.g. Cu31
+    info_json(structure)       str, the scalar entries of atoms.info as JSON
+
+The file is written under ``<name>.partial`` and renamed when closed complete, so a
+file with the final name is always whole. netCDF4/HDF5 is not thread-safe: write from
+one thread per process (the Dask workers run one thread each).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import netCDF4
+import numpy as np
+
+STRUCTURE_CHUNK = 4096
+STRING_FIELDS = ("structure_id", "source_file", "formula", "info_json")
+STRUCTURE_FIELDS = (*STRING_FIELDS, "frame_index", "atom_offset", "n_atoms")
+# A small HDF5 chunk cache per variable: the default 64 MiB per variable per open file
+# dominates memory when several seed files are open.
+netCDF4.set_chunk_cache(4 * 1024 * 1024, 521, 0.75)
+
+
+def partial_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+class LatentWriter:
+    """Stream per-structure latents into a netCDF file, with aligned, buffered chunk writes.
+
+    Parameters
+    ----------
+    path
+        Final file name; data go to ``path.partial`` until :meth:`close`.
+    n_features
+        Latent width.
+    dtype
+        numpy dtype of the stored latents.
+    attrs
+        Global attributes (model hash, versions, settings).
+    chunk_atoms
+        Chunk length along atoms; writes are buffered to whole chunks.
+    compression
+        ``"zlib"`` (level 1) or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_features: int,
+        dtype: str | np.dtype = "float32",
+        attrs: Mapping[str, Any] | None = None,
+        chunk_atoms: int = 16384,
+        compression: str = "zlib",
+    ) -> None:
+        self.path = Path(path)
+        self.tmp_path = partial_path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.chunk_atoms = int(chunk_atoms)
+        self.n_features = int(n_features)
+        self.dtype = np.dtype(dtype)
+        ds = netCDF4.Dataset(self.tmp_path, "w", format="NETCDF4")
+        ds.set_auto_mask(False)
+        ds.createDimension("atom", None)
+        ds.createDimension("feature", self.n_features)
+        ds.createDimension("structure", None)
+        compress = {"compression": "zlib", "complevel": 1, "shuffle": True} if compression == "zlib" else {}
+        ds.createVariable(
+            "latent", self.dtype, ("atom", "feature"),
+            chunksizes=(self.chunk_atoms, self.n_features), **compress,
+        )
+        ds["latent"].long_name = "invariant (0e) node features before the readout"
+        for name, kind in (("atom_offset", "i8"), ("n_atoms", "i4"), ("frame_index", "i4")):
+            ds.createVariable(name, kind, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
+        for name in STRING_FIELDS:
+            ds.createVariable(name, str, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
+        ds.setncatts({k: _attr(v) for k, v in (attrs or {}).items()})
+        self._ds = ds
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._written_atoms = 0
+        self._meta: list[dict[str, Any]] = []
+        self._written_structures = 0
+        self.n_atoms_total = 0
+
+    @property
+    def n_structures(self) -> int:
+        return self._written_structures + len(self._meta)
+
+    def append(
+        self,
+        structure_id: str,
+        source_file: str,
+        frame_index: int,
+        latents: np.ndarray,
+        formula: str = "",
+        info_json: str = "{}",
+    ) -> None:
+        """Add one structure's latents, shape (n_atoms, n_features), and its description."""
+        if latents.ndim != 2 or latents.shape[1] != self.n_features:
+            raise ValueError(f"latents of {structure_id} have shape {latents.shape}, expected (n, {self.n_features})")
+        self._meta.append({
+            "structure_id": structure_id, "source_file": source_file, "formula": formula,
+            "info_json": info_json, "frame_index": int(frame_index), "n_atoms": latents.shape[0],
+        })
+        self._buffer.append(np.asarray(latents, dtype=self.dtype))
+        self._buffered += latents.shape[0]
+        self.n_atoms_total += latents.shape[0]
+        if self._buffered >= self.chunk_atoms:
+            self._flush(whole_chunks_only=True)
+
+    def _flush(self, whole_chunks_only: bool = False) -> None:
+        if self._buffer:
+            block = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            n_write = (len(block) // self.chunk_atoms) * self.chunk_atoms if whole_chunks_only else len(block)
+            if n_write:
+                start = self._written_atoms
+                self._ds["latent"][start : start + n_write, :] = block[:n_write]
+                self._written_atoms += n_write
+            rest = block[n_write:]
+            self._buffer = [rest] if len(rest) else []
+            self._buffered = len(rest)
+        if self._meta and not whole_chunks_only:
+            self._write_meta()
+
+    def _write_meta(self) -> None:
+        start = self._written_structures
+        stop = start + len(self._meta)
+        counts = np.array([m["n_atoms"] for m in self._meta], dtype=np.int64)
+        offsets = self.n_atoms_total - counts.sum() + np.concatenate([[0], np.cumsum(counts)[:-1]])
+        ds = self._ds
+        ds["atom_offset"][start:stop] = offsets
+        ds["n_atoms"][start:stop] = counts.astype(np.int32)
+        ds["frame_index"][start:stop] = np.array([m["frame_index"] for m in self._meta], dtype=np.int32)
+        for name in STRING_FIELDS:
+            ds[name][start:stop] = np.array([m[name] for m in self._meta], dtype=object)
+        self._written_structures = stop
+        self._meta = []
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Add global attributes (e.g. totals known only at the end)."""
+        self._ds.setncatts({k: _attr(v) for k, v in attrs.items()})
+
+    def close(self) -> Path:
+        """Flush, close and rename to the final name. Returns the final path."""
+        self._flush()
+        self._ds.complete = 1
+        self._ds.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close without publishing; the partial file stays for inspection."""
+        try:
+            self._ds.close()
+        except RuntimeError:
+            pass
+
+    def __enter__(self) -> LatentWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float, str, np.number)):
+        return value
+    return str(value)
+
+
+def read_structure_table(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-structure variables of a latent file (small), as numpy arrays."""
+    with netCDF4.Dataset(path) as ds:
+        ds.set_auto_mask(False)
+        return {
+            name: np.asarray(ds[name][:])
+            for name in STRUCTURE_FIELDS
+        }
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    with netCDF4.Dataset(path) as ds:
+        return {k: ds.getncattr(k) for k in ds.ncattrs()}

@@ -1,0 +1,111 @@
+"""Datasets: globs to files, files to structures with stable ids."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase.data
+import ase.io
+import numpy as np
+from ase import Atoms
+
+
+class InputError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class StructureRef:
+    """Where a structure comes from: enough to read it again, no atoms held."""
+
+    structure_id: str
+    source_file: str
+    frame_index: int
+
+
+def resolve_files(patterns: Iterable[str], dataset: str = "") -> list[str]:
+    """Expand files and globs into a sorted list of unique existing files.
+
+    Raises
+    ------
+    InputError
+        When a pattern matches nothing.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            where = f"dataset {dataset!r}: " if dataset else ""
+            raise InputError(f"{where}{pattern}: matches no file")
+        files.extend(os.path.abspath(m) for m in matches)
+    return list(dict.fromkeys(files))
+
+
+def file_labels(files: list[str]) -> dict[str, str]:
+    """A short unique label per file: its stem, or its path below the common folder when stems clash."""
+    stems = [Path(f).stem for f in files]
+    if len(set(stems)) == len(stems):
+        return dict(zip(files, stems, strict=True))
+    common = Path(os.path.commonpath([os.path.dirname(f) for f in files]))
+    return {
+        f: str(Path(f).relative_to(common).with_suffix("")).replace(os.sep, "__") for f in files
+    }
+
+
+def _read_frames(path: str) -> Iterator[Atoms]:
+    try:
+        yield from ase.io.iread(path, index=":")
+    except StopIteration:
+        return
+    except Exception as exc:  # ase raises many types for unreadable input
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot be read as a structure file ({reason})") from exc
+
+
+def iter_structures(files: list[str]) -> Iterator[tuple[StructureRef, Atoms]]:
+    """Yield every frame of every file, with its id.
+
+    A single-frame file's id is its label; frames of a multi-frame file are ``label@frame``.
+    The atoms come one by one (``ase.io.iread``) so a large trajectory is never held whole.
+    """
+    labels = file_labels(files)
+    for path in files:
+        frames = _read_frames(path)
+        first = next(frames, None)
+        if first is None:
+            raise InputError(f"{path}: contains no structure")
+        second = next(frames, None)
+        if second is None:
+            yield StructureRef(labels[path], path, 0), first
+            continue
+        label = labels[path]
+        yield StructureRef(f"{label}@0", path, 0), first
+        yield StructureRef(f"{label}@1", path, 1), second
+        for index, atoms in enumerate(frames, start=2):
+            yield StructureRef(f"{label}@{index}", path, index), atoms
+
+
+def read_structure(source_file: str, frame_index: int) -> Atoms:
+    """Read one frame back (for export)."""
+    return ase.io.read(source_file, index=frame_index)
+
+
+def check_structure(atoms: Atoms, allowed_numbers: set[int] | None = None) -> str | None:
+    """Why a structure cannot be scored, or None when it can."""
+    if len(atoms) == 0:
+        return "has no atoms"
+    positions = atoms.get_positions()
+    if not np.all(np.isfinite(positions)):
+        return "has NaN or infinite positions"
+    if allowed_numbers is not None:
+        unknown = sorted(set(atoms.numbers.tolist()) - allowed_numbers)
+        if unknown:
+            symbols = ", ".join(ase.data.chemical_symbols[z] for z in unknown)
+            return f"contains elements the model was not trained on: {symbols}"
+    return None
+

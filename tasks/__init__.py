@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over mace_ood; they take and return paths and small dicts."""

@@ -1,0 +1,64 @@
+"""Extraction task: one (family, seed, dataset) -> one latent netCDF file."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.runtime import task_run
+
+from mace_ood.config import ExtractionSettings
+from mace_ood.latents import extract_to_netcdf
+from mace_ood.models import worker_device
+from mace_ood.oom import is_out_of_memory
+from mace_ood.pipeline import ExtractionJob
+
+
+def retry_on_out_of_memory(task, task_run, state) -> bool:
+    """Retry only when the task died of an out-of-memory error (the retry halves the batch)."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_out_of_memory(exc)
+
+
+def batch_size_for_attempt(batch_size: int, attempt: int) -> int:
+    """Halve the batch on every retry, down to 1."""
+    return max(1, batch_size >> max(0, attempt - 1))
+
+
+@task(
+    name="extract-latents",
+    task_run_name="extract {job.family} seed-{job.seed} on {job.dataset}",
+    retries=4,
+    retry_condition_fn=retry_on_out_of_memory,
+    cache_policy=NO_CACHE,
+)
+def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> dict:
+    """Stream one model's latents over one dataset to ``job.out_path``; returns a small summary."""
+    logger = get_run_logger()
+    attempt = task_run.run_count or 1
+    batch_size = batch_size_for_attempt(settings.batch_size, attempt)
+    device = worker_device(settings.device)
+    if attempt > 1:
+        logger.warning("retry %d after out-of-memory: batch size %d", attempt - 1, batch_size)
+    last_log = [time.monotonic()]
+
+    def progress(n_structures: int, n_atoms: int) -> None:
+        if time.monotonic() - last_log[0] > 10:
+            last_log[0] = time.monotonic()
+            logger.info("%s: %d structures, %d atoms done", job.name, n_structures, n_atoms)
+
+    summary = extract_to_netcdf(
+        job.model_path, list(job.files), job.out_path,
+        settings.model_copy(update={"device": device}), batch_size=batch_size, progress=progress,
+    )
+    if summary.reused:
+        logger.info("%s: reusing %s (same model, inputs and settings)", job.name, job.out_path)
+    else:
+        logger.info(
+            "%s: %d structures, %d atoms in %.1f s (%.0f atoms/s, %d forward passes, smallest batch %d, %d skipped)",
+            job.name, summary.n_structures, summary.n_atoms, summary.wall_s, summary.atoms_per_s,
+            summary.forward_passes, summary.smallest_batch, len(summary.skipped),
+        )
+    return {**summary.as_dict(), "family": job.family, "seed": job.seed, "dataset": job.dataset}
