@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,13 +19,13 @@ app = typer.Typer(
 )
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run configuration.", show_default=False)]
-OutputDir = Annotated[Optional[Path], typer.Option("--output-dir", "--output_dir", help="Override `output_dir`.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (overrides the config).")]
+OutputDir = Annotated[Path | None, typer.Option("--output-dir", "--output_dir", help="Override `output_dir`.")]
+Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (overrides the config).")]
 DefaultDtype = Annotated[
-    Optional[str], typer.Option("--default_dtype", "--default-dtype", help="float32 | float64 (overrides the config).")
+    str | None, typer.Option("--default_dtype", "--default-dtype", help="float32 | float64 (overrides the config).")
 ]
-BatchSize = Annotated[Optional[int], typer.Option("--batch_size", "--batch-size", help="Structures per forward pass.")]
-TopK = Annotated[Optional[int], typer.Option("--top-k", "--top_k", help="Structures selected per evaluation.")]
+BatchSize = Annotated[int | None, typer.Option("--batch_size", "--batch-size", help="Structures per forward pass.")]
+TopK = Annotated[int | None, typer.Option("--top-k", "--top_k", help="Structures selected per evaluation.")]
 
 
 def _fail(message: str) -> None:
@@ -119,7 +119,7 @@ def run_config(cfg) -> dict:
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo data, config and run go.")] = Path("demo_work"),
     cache_dir: Annotated[
-        Optional[Path], typer.Option(help="Trained demo models are cached here (default ~/.cache/mace-ood).")
+        Path | None, typer.Option(help="Trained demo models are cached here (default ~/.cache/mace-ood).")
     ] = None,
     retrain: Annotated[bool, typer.Option(help="Train the demo models again even if cached.")] = False,
 ) -> None:

@@ -34,13 +34,22 @@ def open_latents(paths: list[str | Path], chunk_atoms: int | None = None) -> xr.
     """
     if len(paths) < 2:
         raise ScoreError(f"the across-seed variance needs at least 2 seed files, got {len(paths)}")
-    opened = []
-    for path in paths:
-        ds = xr.open_dataset(path, engine="netcdf4", chunks={}, mask_and_scale=False, cache=False)
-        if chunk_atoms is None:
-            chunk_atoms = int(ds["latent"].encoding.get("chunksizes", (16384,))[0])
-        opened.append(ds)
+    opened = [
+        xr.open_dataset(path, engine="netcdf4", chunks={}, mask_and_scale=False, cache=False)
+        for path in paths
+    ]
+    try:
+        return _combine_seeds(paths, opened, chunk_atoms)
+    except BaseException:
+        for ds in opened:
+            ds.close()
+        raise
+
+
+def _combine_seeds(paths: list, opened: list[xr.Dataset], chunk_atoms: int | None) -> xr.Dataset:
     first = opened[0]
+    if chunk_atoms is None:
+        chunk_atoms = int(first["latent"].encoding.get("chunksizes", (16384,))[0])
     table = {name: first[name].values for name in STRUCTURE_VARS}
     for path, ds in zip(paths[1:], opened[1:], strict=True):
         for name in ("structure_id", "n_atoms"):
@@ -59,6 +68,7 @@ def open_latents(paths: list[str | Path], chunk_atoms: int | None = None) -> xr.
     for name, values in table.items():
         out[name] = ("structure", values)
     out.attrs["seed_files"] = [str(p) for p in paths]
+    out.set_close(lambda: [ds.close() for ds in opened])
     return out
 
 

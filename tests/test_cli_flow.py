@@ -1,0 +1,106 @@
+"""End to end through the CLI: Prefect flow, Dask workers, reports. Random-weight models."""
+
+from __future__ import annotations
+
+import shutil
+
+import ase.io
+import numpy as np
+import openpyxl
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mace_ood.cli import app
+from mace_ood.latents import LatentExtractor
+from mace_ood.structures import iter_structures
+
+runner = CliRunner()
+
+
+def test_validate_prints_the_plan(project):
+    result = runner.invoke(app, ["validate", str(project)])
+    assert result.exit_code == 0, result.output
+    assert "family MACE_T1: 3 seeds" in result.output
+    assert "evaluation MACE_T1 -> T2" in result.output
+    assert "evaluation MACE_T2 -> T2 (reference)" in result.output
+    assert "12 extraction job(s)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(colour="red"), "unknown key 'colour'"),
+        (lambda c: c["datasets"].update(T2=["data/nothing/*.xyz"]), "matches no file"),
+        (lambda c: c["model_families"]["MACE_T1"].update(models=["models/T1_seed0.model"]), "at least 2 seeds"),
+        (lambda c: c["model_families"]["MACE_T1"].update(models=["config.yaml", "models/T1_seed1.model"]), "config.yaml"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_problem(project, tmp_path, edit, message):
+    config = yaml.safe_load(project.read_text())
+    edit(config)
+    path = project.parent / f"bad_{tmp_path.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1 or "cuequivariance" in result.output
+
+
+@pytest.mark.slow
+def test_run_end_to_end(prefect_server, project, tmp_path):
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    result = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    out = work / "run"
+    assert "MACE_T1 -> T2" in result.output and "report_xlsx" in result.output
+
+    for family, dataset in [("MACE_T1", "T2"), ("MACE_T2", "T1"), ("MACE_T1", "T1"), ("MACE_T2", "T2")]:
+        for seed in range(3):
+            assert (out / "latents" / family / dataset / f"seed-{seed}.nc").is_file()
+    assert not list(out.rglob("*.partial"))
+
+    scores = pd.read_csv(out / "scores.csv")
+    for column in ["family", "dataset", "structure_id", "source_file", "frame_index", "n_atoms", "formula",
+                   "latent_variance", "rank", "relaxation", "temperature_K"]:
+        assert column in scores.columns
+    t1_on_t2 = scores[(scores.family == "MACE_T1") & (scores.dataset == "T2")]
+    assert len(t1_on_t2) == 5  # 4 frames + 1 CIF
+    assert sorted(t1_on_t2["rank"]) == [1, 2, 3, 4, 5]
+
+    # the score equals a plain numpy computation from the models themselves
+    models = sorted((work / "models").glob("T1_seed*.model"))
+    extractors = [LatentExtractor(m, "cpu", "float64") for m in models]
+    files = sorted(str(p) for p in (work / "data" / "T2").glob("*.xyz")) + [str(work / "data" / "T2" / "cellrelaxed_Al4.cif")]
+    expected = {}
+    for ref, atoms in iter_structures(sorted(files)):
+        stacked = np.stack([e(atoms) for e in extractors])
+        expected[ref.structure_id] = stacked.var(axis=0).mean(axis=-1).mean()
+    got = dict(zip(t1_on_t2.structure_id, t1_on_t2.latent_variance, strict=True))
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9)
+
+    top_dir = out / "top" / "MACE_T1__T2"
+    cifs = sorted(top_dir.glob("*.cif"))
+    assert len(cifs) == 2 and cifs[0].name.startswith("01_")
+    best = t1_on_t2.sort_values("rank").iloc[0]
+    atoms = ase.io.read(cifs[0])
+    assert len(atoms) == best.n_atoms
+    xyz = ase.io.read(sorted(top_dir.glob("*.extxyz"))[0])
+    assert np.isclose(xyz.arrays["MACE_OOD_latent_variance"].mean(), best.latent_variance)
+
+    book = openpyxl.load_workbook(out / "report.xlsx")
+    assert {"summary", "MACE_T1__T2", "MACE_T2__T1", "skipped"} <= set(book.sheetnames)
+    sheet = book["MACE_T1__T2"]
+    header = [c.value for c in sheet[1]]
+    assert header[:5] == ["family", "dataset", "reference", "rank", "latent_variance"]
+    assert sheet.freeze_panes == "A2" and sheet.max_row == 3
+    assert sheet["E2"].value == pytest.approx(best.latent_variance)
+
+    # a second run reuses every latent file (no forward pass) and gives the same scores
+    again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
+    assert again.exit_code == 0, again.output
+    pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), scores)

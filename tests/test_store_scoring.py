@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from xarray.tests import raise_if_dask_computes
+
+from mace_ood.scoring import ScoreError, latent_variance_scores, open_latents
+from mace_ood.store import LatentWriter, partial_path
+from tests.synthetic import synthetic_latent_files
+
+
+def numpy_scores(latents: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    per_atom = latents.var(axis=0).mean(axis=-1)
+    bounds = np.cumsum([0] + sizes)
+    return per_atom, np.array([per_atom[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+def test_netcdf_reopens_with_declared_chunks(tmp_path):
+    paths, latents, sizes = synthetic_latent_files(tmp_path, chunk_atoms=16)
+    with xr.open_dataset(paths[1], engine="netcdf4") as ds:
+        assert ds["latent"].encoding["chunksizes"] == (16, latents.shape[2])
+        assert ds["latent"].encoding["zlib"] is True
+        np.testing.assert_array_equal(ds["latent"].values, latents[1])
+        assert list(ds["n_atoms"].values) == sizes
+        assert ds["atom_offset"].values[-1] == sum(sizes[:-1])
+        assert list(ds["structure_id"].values) == [f"s{i}" for i in range(len(sizes))]
+        assert ds.attrs["seed"] == 1
+
+
+def test_writer_publishes_only_complete_files(tmp_path):
+    path = tmp_path / "x.nc"
+    with pytest.raises(ZeroDivisionError):
+        with LatentWriter(path, 3) as writer:
+            writer.append("a", "f", 0, np.ones((4, 3)))
+            raise ZeroDivisionError("interrupted")
+    assert not path.exists() and partial_path(path).exists()
+
+
+def test_score_is_lazy_and_equals_numpy(tmp_path):
+    paths, latents, sizes = synthetic_latent_files(tmp_path, chunk_atoms=16)
+    ds = open_latents(paths)
+    with raise_if_dask_computes():
+        scores = latent_variance_scores(ds)
+    assert scores["latent_variance"].chunks is not None  # still a dask array
+    per_atom, per_structure = numpy_scores(latents, sizes)
+    computed = scores.compute()
+    np.testing.assert_allclose(computed["atom_latent_variance"].values, per_atom, rtol=1e-12)
+    np.testing.assert_allclose(computed["latent_variance"].values, per_structure, rtol=1e-10)
+
+
+def test_score_reads_in_atom_chunks(tmp_path):
+    paths, _, _ = synthetic_latent_files(tmp_path, chunk_atoms=16)
+    ds = open_latents(paths)
+    assert ds["latent"].data.chunksize[1] == 16
+    assert ds["latent"].data.chunksize[2] == ds.sizes["feature"]
+
+
+def test_seed_files_must_agree(tmp_path):
+    a, _, _ = synthetic_latent_files(tmp_path / "a", sizes=(3, 4))
+    b, _, _ = synthetic_latent_files(tmp_path / "b", sizes=(3, 5))
+    with pytest.raises(ScoreError, match="differ"):
+        open_latents([a[0], b[1]])
+    with pytest.raises(ScoreError, match="at least 2"):
+        open_latents(a[:1])
