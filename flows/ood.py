@@ -38,6 +38,8 @@ def worker_environment(n_workers: int, api_url: str | None) -> dict[str, str]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning"),
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::UserWarning:e3nn.o3._wigner"),
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url

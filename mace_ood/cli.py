@@ -11,6 +11,7 @@ import typer
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 app = typer.Typer(
     add_completion=False,

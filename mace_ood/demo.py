@@ -58,7 +58,7 @@ def md_frames(atoms: Atoms, temperature_K: float, seed: int, n_frames: int = FRA
     atoms.calc = EMT()
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-    dynamics = Langevin(atoms, 4 * units.fs, temperature_K=temperature_K, friction=0.02, rng=rng)
+    dynamics = Langevin(atoms, 4 * units.fs, temperature_K=temperature_K, friction=0.02, fixcm=False, rng=rng)
     frames = []
     for index in range(n_frames):
         dynamics.run(STEPS_BETWEEN_FRAMES)
@@ -90,6 +90,7 @@ def make_datasets(data_dir: Path) -> dict[str, list[Path]]:
     vacancy = cu.copy()
     del vacancy[0]
     slab = fcc111("Cu", size=(3, 3, 4), a=3.61, vacuum=7.0, periodic=True)
+    slab.info.clear()
     t2_sets = {
         "md_Cu32_T1200K.extxyz": md_frames(cu, 1200, seed=10),
         "vacancy_Cu31_T600K.extxyz": md_frames(vacancy, 600, seed=11),
