@@ -39,21 +39,21 @@ def test_writer_publishes_only_complete_files(tmp_path):
 
 def test_score_is_lazy_and_equals_numpy(tmp_path):
     paths, latents, sizes = synthetic_latent_files(tmp_path, chunk_atoms=16)
-    ds = open_latents(paths)
-    with raise_if_dask_computes():
-        scores = latent_variance_scores(ds)
-    assert scores["latent_variance"].chunks is not None  # still a dask array
+    with open_latents(paths) as ds:
+        with raise_if_dask_computes():
+            scores = latent_variance_scores(ds)
+        assert scores["latent_variance"].chunks is not None  # still a dask array
+        computed = scores.compute()
     per_atom, per_structure = numpy_scores(latents, sizes)
-    computed = scores.compute()
     np.testing.assert_allclose(computed["atom_latent_variance"].values, per_atom, rtol=1e-12)
     np.testing.assert_allclose(computed["latent_variance"].values, per_structure, rtol=1e-10)
 
 
 def test_score_reads_in_atom_chunks(tmp_path):
     paths, _, _ = synthetic_latent_files(tmp_path, chunk_atoms=16)
-    ds = open_latents(paths)
-    assert ds["latent"].data.chunksize[1] == 16
-    assert ds["latent"].data.chunksize[2] == ds.sizes["feature"]
+    with open_latents(paths) as ds:
+        assert ds["latent"].data.chunksize[1] == 16
+        assert ds["latent"].data.chunksize[2] == ds.sizes["feature"]
 
 
 def test_seed_files_must_agree(tmp_path):

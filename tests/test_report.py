@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import openpyxl
+import pandas as pd
+from ase import Atoms
+
+from mace_ood.report import (
+    atomic_path,
+    evaluation_table,
+    sheet_name,
+    write_excel,
+    write_scores_netcdf,
+    write_selected,
+)
+from mace_ood.scoring import latent_variance_scores, open_latents
+from tests.synthetic import synthetic_latent_files
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "r.csv"
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert not target.exists() and not list(tmp_path.iterdir())
+    with atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole"
+
+
+def test_sheet_names_are_valid_and_unique():
+    taken: set[str] = set()
+    names = [sheet_name("A" * 40, taken), sheet_name("A" * 40, taken), sheet_name("x/y:z", taken)]
+    assert all(len(n) <= 31 for n in names) and len(set(names)) == 3 and names[2] == "x_y_z"
+
+
+def test_molecule_without_cell_gets_a_box_and_scores_travel(tmp_path):
+    molecule = Atoms("Cu3", positions=[[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0]])
+    source = tmp_path / "cluster_Cu3.xyz"
+    ase.io.write(source, molecule)
+    paths, _, _ = synthetic_latent_files(tmp_path / "lat", sizes=(3,))
+    with open_latents(paths) as latents:
+        scores = latent_variance_scores(latents)
+        scores["source_file"] = ("structure", np.array([str(source)]))
+        scores["frame_index"] = ("structure", np.array([0]))
+        scores_path = write_scores_netcdf(scores, tmp_path / "scores.nc")
+    table = evaluation_table(scores_path, "F", "D", False)
+    selected = write_selected(table, scores_path, tmp_path / "top", top_k=5)
+    assert len(selected) == 1
+    cif = ase.io.read(selected.iloc[0]["cif"])
+    assert cif.cell.rank == 3 and len(cif) == 3
+    xyz = ase.io.read(selected.iloc[0]["extxyz"])
+    per_atom = xyz.arrays["MACE_OOD_latent_variance"]
+    assert np.isclose(per_atom.mean(), table.iloc[0]["latent_variance"])
+    assert selected.iloc[0]["most_uncertain_atom"] == int(np.argmax(per_atom))
+
+
+def test_excel_layout(tmp_path):
+    frame = pd.DataFrame({"rank": [1, 2], "latent_variance": [0.3, 0.1], "structure_id": ["a", "b"]})
+    summary = pd.DataFrame({"evaluation": ["F__D"], "max_latent_variance": [0.3]})
+    path = write_excel(tmp_path / "r.xlsx", summary, {"F__D": frame}, pd.DataFrame(columns=["reason"]))
+    book = openpyxl.load_workbook(path)
+    assert book.sheetnames == ["summary", "F__D", "skipped"]
+    sheet = book["F__D"]
+    assert sheet.freeze_panes == "A2"
+    assert [c.value for c in sheet[1]] == ["rank", "latent_variance", "structure_id"]
+    rules = list(sheet.conditional_formatting)
+    assert rules and str(rules[0].sqref) == "B2:B3"
