@@ -95,6 +95,11 @@ class ExtractionSettings(_Strict):
         "last",
         description="`last`: the invariants the readout sees (last layer); `all`: every layer's invariants.",
     )
+    forces: bool = Field(
+        False,
+        description="Also store each seed's forces and energies (same forward pass, needs autograd: "
+        "about 2-3x slower); enables the force_deviation scores and `mace-ood evaluate` errors.",
+    )
     chunk_atoms: int = Field(16384, ge=64, description="netCDF chunk length along atoms.")
     compression: Literal["zlib", "none"] = Field("zlib", description="netCDF compression of latents.")
 

@@ -45,6 +45,9 @@ class LatentExtractor:
     max_atoms_per_forward
         Injectable memory budget: a forward pass over more atoms raises the same
         out-of-memory error a GPU would. ``None``: no budget.
+    compute_forces
+        Also return forces, per-atom energies and the energy from the same forward pass
+        (needs autograd: roughly 2-3x the cost and memory of a latent-only pass).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class LatentExtractor:
         default_dtype: str = "float64",
         layers: str = "last",
         max_atoms_per_forward: int | None = None,
+        compute_forces: bool = False,
     ) -> None:
         import mace.data
         from mace.tools import AtomicNumberTable
@@ -74,6 +78,7 @@ class LatentExtractor:
         self.heads = list(getattr(self.model, "heads", None) or ["Default"])
         self.head = next((h for h in self.heads if h.lower() == "default"), self.heads[-1])
         self.max_atoms_per_forward = max_atoms_per_forward
+        self.compute_forces = compute_forces
         self.forward_passes = 0
 
     def graph(self, atoms: Atoms):
@@ -86,7 +91,7 @@ class LatentExtractor:
                 config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads
             )
 
-    def _forward(self, graphs: list) -> list[np.ndarray]:
+    def _forward(self, graphs: list) -> list[dict[str, np.ndarray]]:
         from mace.tools.torch_geometric.batch import Batch
 
         n_atoms = sum(int(g.num_nodes) for g in graphs)
@@ -95,15 +100,38 @@ class LatentExtractor:
                 f"out of memory: {n_atoms} atoms exceed the budget of {self.max_atoms_per_forward}"
             )
         batch = Batch.from_data_list(graphs).to(self.device)
-        with torch.inference_mode():
-            node_feats = self.model(batch.to_dict(), compute_force=False)["node_feats"]
-            latents = node_feats.index_select(1, self.columns).cpu().numpy()
+        if self.compute_forces:
+            with torch.enable_grad():
+                out = self.model(batch.to_dict(), compute_force=True)
+            arrays = {
+                "latent": out["node_feats"].detach().index_select(1, self.columns),
+                "forces": out["forces"].detach(),
+                "node_energy": out["node_energy"].detach(),
+            }
+            energies = out["energy"].detach().cpu().numpy()
+        else:
+            with torch.inference_mode():
+                out = self.model(batch.to_dict(), compute_force=False)
+                arrays = {"latent": out["node_feats"].index_select(1, self.columns)}
+            energies = None
+        arrays = {name: value.cpu().numpy() for name, value in arrays.items()}
         self.forward_passes += 1
         bounds = batch.ptr.cpu().numpy()
-        return [latents[bounds[i] : bounds[i + 1]] for i in range(len(graphs))]
+        results = []
+        for i in range(len(graphs)):
+            item = {name: value[bounds[i] : bounds[i + 1]] for name, value in arrays.items()}
+            if energies is not None:
+                item["energy"] = float(energies[i])
+            results.append(item)
+        return results
 
-    def latents(self, graphs: list, on_backoff: Callable[[int], None] | None = None) -> list[np.ndarray]:
-        """Latents of each graph; on out-of-memory the batch is split in halves, down to one graph."""
+    def outputs(
+        self, graphs: list, on_backoff: Callable[[int], None] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Per graph: ``latent`` (and ``forces``, ``node_energy``, ``energy`` with compute_forces).
+
+        On out-of-memory the batch is split in halves, down to one graph.
+        """
         try:
             return self._forward(graphs)
         except Exception as exc:
@@ -113,7 +141,11 @@ class LatentExtractor:
             half = len(graphs) // 2
             if on_backoff is not None:
                 on_backoff(half)
-            return self.latents(graphs[:half], on_backoff) + self.latents(graphs[half:], on_backoff)
+            return self.outputs(graphs[:half], on_backoff) + self.outputs(graphs[half:], on_backoff)
+
+    def latents(self, graphs: list, on_backoff: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Latents of each graph, shape (n_atoms, n_features)."""
+        return [item["latent"] for item in self.outputs(graphs, on_backoff)]
 
     def __call__(self, atoms: Atoms) -> np.ndarray:
         """Latents of a single structure, shape (n_atoms, n_features)."""
@@ -215,7 +247,8 @@ def extract_to_netcdf(
             )
 
     extractor = LatentExtractor(
-        model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward
+        model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward,
+        compute_forces=settings.forces,
     )
     batch_size = batch_size or settings.batch_size
     summary = ExtractionSummary(
@@ -262,15 +295,16 @@ def extract_to_netcdf(
     }
     writer = LatentWriter(
         out_path, extractor.n_features, settings.default_dtype, file_attrs,
-        settings.chunk_atoms, settings.compression,
+        settings.chunk_atoms, settings.compression, with_forces=settings.forces,
     )
     try:
         for batch in _batches(graphs(), batch_size, settings.max_atoms_per_batch):
-            batch_latents = extractor.latents([g for _, g, _ in batch], on_backoff)
-            for (ref, _, atoms), latents in zip(batch, batch_latents, strict=True):
+            batch_outputs = extractor.outputs([g for _, g, _ in batch], on_backoff)
+            for (ref, _, atoms), item in zip(batch, batch_outputs, strict=True):
                 writer.append(
-                    ref.structure_id, ref.source_file, ref.frame_index, latents,
+                    ref.structure_id, ref.source_file, ref.frame_index, item["latent"],
                     formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
+                    forces=item.get("forces"), node_energy=item.get("node_energy"), energy=item.get("energy"),
                 )
             summary.n_structures = writer.n_structures
             summary.n_atoms = writer.n_atoms_total

@@ -10,6 +10,7 @@ Layout::
     frame_index(structure)
     formula(structure)         str, e.g. Cu31
     info_json(structure)       str, the scalar entries of atoms.info as JSON
+    forces(atom, xyz), node_energy(atom), energy(structure)    only when forces are asked for
 
 The file is written under ``<name>.partial`` and renamed when closed complete, so a
 file with the final name is always whole. netCDF4/HDF5 is not thread-safe: write from
@@ -66,6 +67,7 @@ class LatentWriter:
         attrs: Mapping[str, Any] | None = None,
         chunk_atoms: int = 16384,
         compression: str = "zlib",
+        with_forces: bool = False,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -73,6 +75,7 @@ class LatentWriter:
         self.chunk_atoms = int(chunk_atoms)
         self.n_features = int(n_features)
         self.dtype = np.dtype(dtype)
+        self.with_forces = with_forces
         ds = netCDF4.Dataset(self.tmp_path, "w", format="NETCDF4")
         ds.set_auto_mask(False)
         ds.createDimension("atom", None)
@@ -84,13 +87,23 @@ class LatentWriter:
             chunksizes=(self.chunk_atoms, self.n_features), **compress,
         )
         ds["latent"].long_name = "invariant (0e) node features before the readout"
+        self._atom_vars = {"latent": (self.n_features,)}
+        if with_forces:
+            ds.createDimension("xyz", 3)
+            ds.createVariable("forces", self.dtype, ("atom", "xyz"), chunksizes=(self.chunk_atoms, 3), **compress)
+            ds["forces"].units = "eV/A"
+            ds.createVariable("node_energy", self.dtype, ("atom",), chunksizes=(self.chunk_atoms,), **compress)
+            ds["node_energy"].units = "eV"
+            ds.createVariable("energy", "f8", ("structure",), chunksizes=(STRUCTURE_CHUNK,))
+            ds["energy"].units = "eV"
+            self._atom_vars.update({"forces": (3,), "node_energy": ()})
         for name, kind in (("atom_offset", "i8"), ("n_atoms", "i4"), ("frame_index", "i4")):
             ds.createVariable(name, kind, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
         for name in STRING_FIELDS:
             ds.createVariable(name, str, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
         ds.setncatts({k: _attr(v) for k, v in (attrs or {}).items()})
         self._ds = ds
-        self._buffer: list[np.ndarray] = []
+        self._buffer: dict[str, list[np.ndarray]] = {name: [] for name in self._atom_vars}
         self._buffered = 0
         self._written_atoms = 0
         self._meta: list[dict[str, Any]] = []
@@ -109,31 +122,47 @@ class LatentWriter:
         latents: np.ndarray,
         formula: str = "",
         info_json: str = "{}",
+        forces: np.ndarray | None = None,
+        node_energy: np.ndarray | None = None,
+        energy: float | None = None,
     ) -> None:
-        """Add one structure's latents, shape (n_atoms, n_features), and its description."""
+        """Add one structure's latents, shape (n_atoms, n_features), and its description.
+
+        With ``with_forces``, its predicted forces (n_atoms, 3), per-atom energies and energy too.
+        """
         if latents.ndim != 2 or latents.shape[1] != self.n_features:
             raise ValueError(f"latents of {structure_id} have shape {latents.shape}, expected (n, {self.n_features})")
-        self._meta.append({
+        if self.with_forces and (forces is None or node_energy is None or energy is None):
+            raise ValueError(f"{structure_id}: this file stores forces and energies; none given")
+        meta = {
             "structure_id": structure_id, "source_file": source_file, "formula": formula,
             "info_json": info_json, "frame_index": int(frame_index), "n_atoms": latents.shape[0],
-        })
-        self._buffer.append(np.asarray(latents, dtype=self.dtype))
+        }
+        self._buffer["latent"].append(np.asarray(latents, dtype=self.dtype))
+        if self.with_forces:
+            meta["energy"] = float(energy)
+            self._buffer["forces"].append(np.asarray(forces, dtype=self.dtype).reshape(-1, 3))
+            self._buffer["node_energy"].append(np.asarray(node_energy, dtype=self.dtype).reshape(-1))
+        self._meta.append(meta)
         self._buffered += latents.shape[0]
         self.n_atoms_total += latents.shape[0]
         if self._buffered >= self.chunk_atoms:
             self._flush(whole_chunks_only=True)
+        if len(self._meta) >= STRUCTURE_CHUNK:
+            self._write_meta()
 
     def _flush(self, whole_chunks_only: bool = False) -> None:
-        if self._buffer:
-            block = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-            n_write = (len(block) // self.chunk_atoms) * self.chunk_atoms if whole_chunks_only else len(block)
-            if n_write:
-                start = self._written_atoms
-                self._ds["latent"][start : start + n_write, :] = block[:n_write]
-                self._written_atoms += n_write
-            rest = block[n_write:]
-            self._buffer = [rest] if len(rest) else []
-            self._buffered = len(rest)
+        if self._buffered:
+            n_write = (self._buffered // self.chunk_atoms) * self.chunk_atoms if whole_chunks_only else self._buffered
+            start = self._written_atoms
+            for name, parts in self._buffer.items():
+                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                if n_write:
+                    self._ds[name][start : start + n_write, ...] = block[:n_write]
+                rest = block[n_write:]
+                self._buffer[name] = [rest] if len(rest) else []
+            self._written_atoms += n_write
+            self._buffered -= n_write
         if self._meta and not whole_chunks_only:
             self._write_meta()
 
@@ -148,6 +177,8 @@ class LatentWriter:
         ds["frame_index"][start:stop] = np.array([m["frame_index"] for m in self._meta], dtype=np.int32)
         for name in STRING_FIELDS:
             ds[name][start:stop] = np.array([m[name] for m in self._meta], dtype=object)
+        if self.with_forces:
+            ds["energy"][start:stop] = np.array([m["energy"] for m in self._meta])
         self._written_structures = stop
         self._meta = []
 

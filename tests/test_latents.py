@@ -105,3 +105,30 @@ def test_family_checks(tiny_models, tmp_path):
     junk.write_text("not a model")
     with pytest.raises(ModelError, match="junk.model"):
         load_model(junk)
+
+
+def test_forces_from_the_same_pass_equal_mace_calculator(tiny_models, structures, tmp_path):
+    from mace.calculators import MACECalculator
+
+    model_path = tiny_models["T1"][2]
+    calculator = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64")
+    extractor = LatentExtractor(model_path, "cpu", "float64", compute_forces=True)
+    outputs = extractor.outputs([extractor.graph(a) for a in structures])
+    for atoms, item in zip(structures, outputs, strict=True):
+        atoms = atoms.copy()
+        atoms.calc = calculator
+        np.testing.assert_allclose(item["forces"], atoms.get_forces(), atol=1e-8)
+        assert item["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-8)
+        assert item["node_energy"].sum() == pytest.approx(item["energy"], abs=1e-8)
+        np.testing.assert_allclose(item["latent"], extractor(atoms), atol=1e-12)
+    path = tmp_path / "s.xyz"
+    ase.io.write(path, structures)
+    settings = ExtractionSettings(device="cpu", forces=True, chunk_atoms=64, batch_size=2)
+    out = tmp_path / "f.nc"
+    extract_to_netcdf(model_path, [str(path)], out, settings)
+    import xarray as xr
+
+    with xr.open_dataset(out) as ds:
+        # extxyz stores positions to ~1e-8 A, hence the tolerance
+        np.testing.assert_allclose(ds["forces"].values, np.concatenate([o["forces"] for o in outputs]), atol=1e-6)
+        np.testing.assert_allclose(ds["energy"].values, [o["energy"] for o in outputs], atol=1e-6)
