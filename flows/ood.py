@@ -14,7 +14,7 @@ from mace_ood.config import DaskConfig, ExtractionSettings, RunConfig
 from mace_ood.models import resolve_device
 from mace_ood.pipeline import ExtractionJob, plan_run
 from tasks.extract import extract_latents
-from tasks.score import score_latents, write_report
+from tasks.score import fit_reference_task, score_latents, write_report
 
 
 def prefect_api_url() -> str | None:
@@ -111,7 +111,14 @@ def ood_detection(config: RunConfig) -> dict:
         for r in extractions
         for s in r["skipped"]
     ]
-    score_files = [score_latents(e, str(config.output_dir), config.chunk_atoms) for e in plan.evaluations]
+    references = {
+        e.family: fit_reference_task(e, str(config.output_dir), config.scores)
+        for e in plan.evaluations
+        if e.reference
+    }
+    score_files = [
+        score_latents(e, str(config.output_dir), config.chunk_atoms, references[e.family]) for e in plan.evaluations
+    ]
     result = write_report(config, plan.evaluations, score_files, skipped)
     result["extractions"] = [
         {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "wall_s", "atoms_per_s", "reused")}

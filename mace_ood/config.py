@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+DEFAULT_SCORE = "mahalanobis"
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be run; the message is one line naming the problem."""
@@ -38,11 +40,32 @@ class Evaluation(_Strict):
     dataset: str = Field(description="Key of `datasets`.")
 
 
+ScoreName = Literal[
+    "latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll",
+    "force_deviation_max", "force_deviation_mean", "energy_std_per_atom",
+]
+
+
 class SelectConfig(_Strict):
     top_k: int = Field(30, ge=1, description="Structures selected per evaluation.")
-    score: Literal["latent_variance"] = Field(
-        "latent_variance", description="Score used for ranking."
+    score: ScoreName = Field(DEFAULT_SCORE, description="Score used for ranking and the `ood` flag.")
+    ood_percentile: float = Field(
+        99.0, gt=0, lt=100,
+        description="A structure is flagged `ood` when its score is above this percentile of the "
+        "family's own training set.",
     )
+
+
+class ScoresConfig(_Strict):
+    knn_k: int = Field(10, ge=1, description="Neighbours of the k-NN distance.")
+    reference_max_atoms: int = Field(
+        20000, ge=10, description="Reference atoms sampled for fitting (alignment, covariance, GMM, k-NN)."
+    )
+    gmm_components: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8], description="Mixture sizes tried; BIC picks one. [] disables."
+    )
+    gmm_max_atoms: int = Field(5000, ge=10, description="Reference atoms the GMM is fitted on.")
+    ridge: float = Field(1e-3, ge=0, description="Covariance ridge, relative to the mean variance.")
 
 
 class MetadataConfig(_Strict):
@@ -116,9 +139,12 @@ class RunConfig(ExtractionSettings):
         "cross", description="`cross`: each family scores every dataset it was not trained on."
     )
     reference: bool = Field(
-        False, description="Also score each family's own training set (in-distribution reference)."
+        True,
+        description="Report each family's own training set as an evaluation too. Its latents are "
+        "always extracted: the reference-based scores and percentiles are fitted on them.",
     )
     select: SelectConfig = Field(default_factory=SelectConfig)
+    scores: ScoresConfig = Field(default_factory=ScoresConfig)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
@@ -131,6 +157,12 @@ class RunConfig(ExtractionSettings):
             if not patterns:
                 raise ValueError(f"datasets.{name}: no files given")
         return datasets
+
+    @model_validator(mode="after")
+    def _forces_for_force_scores(self) -> RunConfig:
+        if self.select.score in ("force_deviation_max", "force_deviation_mean", "energy_std_per_atom") and not self.forces:
+            raise ValueError(f"select.score: {self.select.score} needs `forces: true`")
+        return self
 
     @model_validator(mode="after")
     def _names_exist(self) -> RunConfig:

@@ -21,10 +21,8 @@ import xarray as xr
 from mace_ood.metadata import parse_name
 from mace_ood.structures import read_structure
 
-BASE_COLUMNS = [
-    "family", "dataset", "reference", "rank", "latent_variance", "structure_id",
-    "source_file", "frame_index", "n_atoms", "formula",
-]
+ID_COLUMNS = ["structure_id", "source_file", "frame_index", "n_atoms", "formula"]
+PER_ATOM_OF = {"force_deviation_max": "force_deviation", "force_deviation_mean": "force_deviation"}
 VACUUM_BOX_A = 10.0
 
 
@@ -59,9 +57,12 @@ def evaluation_table(
     family: str,
     dataset: str,
     reference: bool,
+    score: str = "latent_variance",
     patterns: list[str] | tuple[str, ...] = (),
 ) -> pd.DataFrame:
-    """One row per structure of an evaluation, ranked by latent variance (1 = most OOD)."""
+    """One row per structure of an evaluation, every score, ranked by ``score`` (1 = most OOD)."""
+    from mace_ood.scores import ALL_SCORES
+
     with xr.open_dataset(scores_path, engine="netcdf4") as ds:
         frame = pd.DataFrame({
             "structure_id": ds["structure_id"].values.astype(str),
@@ -69,13 +70,15 @@ def evaluation_table(
             "frame_index": ds["frame_index"].values,
             "n_atoms": ds["n_atoms"].values,
             "formula": ds["formula"].values.astype(str),
-            "latent_variance": ds["latent_variance"].values,
             "info_json": ds["info_json"].values.astype(str),
+            **{name: ds[name].values for name in ALL_SCORES if name in ds},
         })
+    if score not in frame.columns:
+        raise ValueError(f"{scores_path}: has no score {score!r}")
     frame.insert(0, "family", family)
     frame.insert(1, "dataset", dataset)
     frame.insert(2, "reference", reference)
-    frame["rank"] = frame["latent_variance"].rank(ascending=False, method="first").astype(int)
+    frame["rank"] = frame[score].rank(ascending=False, method="first").astype(int)
     metadata = [
         {**json.loads(info), **parse_name(sid, patterns)}
         for sid, info in zip(frame["structure_id"], frame["info_json"], strict=True)
@@ -84,8 +87,18 @@ def evaluation_table(
     meta = pd.DataFrame(metadata, index=frame.index)
     meta = meta[[c for c in meta.columns if c not in frame.columns]]
     frame = pd.concat([frame, meta], axis=1)
-    ordered = BASE_COLUMNS + [c for c in frame.columns if c not in BASE_COLUMNS]
-    return frame[ordered].sort_values("rank").reset_index(drop=True)
+    first = ["family", "dataset", "reference", "rank", score, *ID_COLUMNS]
+    return frame[first + [c for c in frame.columns if c not in first]].sort_values("rank").reset_index(drop=True)
+
+
+def order_columns(frame: pd.DataFrame, score: str) -> pd.DataFrame:
+    """Report column order: ids, the ranking score, its percentile and flag, other scores, metadata."""
+    from mace_ood.scores import ALL_SCORES
+
+    first = ["family", "dataset", "reference", "rank", score, f"{score}_percentile", "ood", *ID_COLUMNS]
+    scores = [c for name in ALL_SCORES if name != score for c in (name, f"{name}_percentile")]
+    ordered = [c for c in first + scores if c in frame.columns]
+    return frame[ordered + [c for c in frame.columns if c not in ordered]]
 
 
 def safe_name(text: str, limit: int = 80) -> str:
@@ -93,28 +106,32 @@ def safe_name(text: str, limit: int = 80) -> str:
 
 
 def write_selected(
-    table: pd.DataFrame, scores_path: str | Path, out_dir: str | Path, top_k: int
+    table: pd.DataFrame, scores_path: str | Path, out_dir: str | Path, top_k: int, score: str = "latent_variance"
 ) -> pd.DataFrame:
     """Write the top ``top_k`` rows as CIF and extended XYZ; returns those rows with file paths.
 
-    The extxyz file carries the per-atom score in ``atoms.arrays["MACE_OOD_latent_variance"]``
-    (colour by it in OVITO or the ASE GUI). Structures without a cell get a box with
-    ``VACUUM_BOX_A`` of vacuum around them for the CIF.
+    The extxyz file carries every per-atom score in ``atoms.arrays["MACE_OOD_<score>"]``
+    (colour by it in OVITO or the ASE GUI); ``most_uncertain_atom`` is the index of the atom
+    with the highest per-atom value of the ranking score. Structures without a cell get a
+    box with ``VACUUM_BOX_A`` of vacuum around them for the CIF.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = table.nsmallest(top_k, "rank").copy()
     width = max(2, len(str(top_k)))
     cif_paths, xyz_paths, worst_atoms = [], [], []
+    per_atom_name = f"atom_{PER_ATOM_OF.get(score, score)}"
     with xr.open_dataset(scores_path, engine="netcdf4") as ds:
         offsets = pd.Series(ds["atom_offset"].values, index=ds["structure_id"].values.astype(str))
-        per_atom = ds["atom_latent_variance"]
+        per_atom = {name.removeprefix("atom_"): ds[name].values for name in ds.data_vars if name.startswith("atom_")
+                    and name != "atom_offset"}
         for row in selected.itertuples():
             atoms = read_structure(row.source_file, int(row.frame_index))
             start = int(offsets[row.structure_id])
-            atom_scores = per_atom.values[start : start + int(row.n_atoms)]
-            atoms.arrays["MACE_OOD_latent_variance"] = np.asarray(atom_scores, dtype=float)
-            atoms.info["MACE_OOD_latent_variance"] = float(row.latent_variance)
+            for name, values in per_atom.items():
+                atoms.arrays[f"MACE_OOD_{name}"] = np.asarray(values[start : start + int(row.n_atoms)], dtype=float)
+            atom_scores = atoms.arrays.get(f"MACE_OOD_{per_atom_name.removeprefix('atom_')}")
+            atoms.info[f"MACE_OOD_{score}"] = float(getattr(row, score))
             atoms.info["MACE_OOD_rank"] = int(row.rank)
             stem = f"{int(row.rank):0{width}d}_{safe_name(row.structure_id)}"
             cif_atoms = atoms.copy()
@@ -129,7 +146,7 @@ def write_selected(
                 ase.io.write(tmp, atoms, format="extxyz")
             cif_paths.append(str(cif_path))
             xyz_paths.append(str(xyz_path))
-            worst_atoms.append(int(np.argmax(atom_scores)))
+            worst_atoms.append(int(np.argmax(atom_scores)) if atom_scores is not None else -1)
     selected["most_uncertain_atom"] = worst_atoms
     selected["cif"] = cif_paths
     selected["extxyz"] = xyz_paths
@@ -157,6 +174,7 @@ def write_excel(
     summary: pd.DataFrame,
     selected: dict[str, pd.DataFrame],
     skipped: pd.DataFrame,
+    score: str = "latent_variance",
 ) -> Path:
     """Excel report: a summary sheet, one sheet per evaluation (its top K), a skipped sheet."""
     from openpyxl.formatting.rule import ColorScaleRule
@@ -184,11 +202,11 @@ def write_excel(
         with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
             name = sheet_name("summary", taken)
             summary.to_excel(writer, sheet_name=name, index=False)
-            format_sheet(writer.sheets[name], summary, "max_latent_variance")
+            format_sheet(writer.sheets[name], summary, "max_score")
             for label, frame in selected.items():
                 name = sheet_name(label, taken)
                 frame.to_excel(writer, sheet_name=name, index=False)
-                format_sheet(writer.sheets[name], frame, "latent_variance")
+                format_sheet(writer.sheets[name], frame, score)
             name = sheet_name("skipped", taken)
             skipped.to_excel(writer, sheet_name=name, index=False)
             format_sheet(writer.sheets[name], skipped, None)

@@ -65,6 +65,12 @@ def _combine_seeds(paths: list, opened: list[xr.Dataset], chunk_atoms: int | Non
         dim="seed", coords="minimal", compat="override", join="override",
     )
     out = xr.Dataset({"latent": latent})
+    if all("forces" in ds for ds in opened):
+        out["forces"] = xr.concat(
+            [ds["forces"].chunk({"atom": chunk_atoms, "xyz": -1}) for ds in opened],
+            dim="seed", coords="minimal", compat="override", join="override",
+        )
+        out["energy"] = (("seed", "structure"), np.stack([ds["energy"].values for ds in opened]))
     for name, values in table.items():
         out[name] = ("structure", values)
     out.attrs["seed_files"] = [str(p) for p in paths]

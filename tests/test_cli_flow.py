@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mace_ood.cli import app
+from mace_ood.config import DEFAULT_SCORE
 from mace_ood.latents import LatentExtractor
 from mace_ood.structures import iter_structures
 
@@ -69,6 +70,10 @@ def test_run_end_to_end(prefect_server, project, tmp_path):
     t1_on_t2 = scores[(scores.family == "MACE_T1") & (scores.dataset == "T2")]
     assert len(t1_on_t2) == 5  # 4 frames + 1 CIF
     assert sorted(t1_on_t2["rank"]) == [1, 2, 3, 4, 5]
+    assert list(t1_on_t2.sort_values(DEFAULT_SCORE, ascending=False)["rank"]) == [1, 2, 3, 4, 5]
+    reference = scores[(scores.family == "MACE_T1") & (scores.dataset == "T1")]
+    assert reference[f"{DEFAULT_SCORE}_percentile"].max() == 100.0
+    assert t1_on_t2["ood"].dtype == bool
 
     # the score equals a plain numpy computation from the models themselves
     models = sorted((work / "models").glob("T1_seed*.model"))
@@ -96,9 +101,10 @@ def test_run_end_to_end(prefect_server, project, tmp_path):
     assert {"summary", "MACE_T1__T2", "MACE_T2__T1", "skipped"} <= set(book.sheetnames)
     sheet = book["MACE_T1__T2"]
     header = [c.value for c in sheet[1]]
-    assert header[:5] == ["family", "dataset", "reference", "rank", "latent_variance"]
+    assert header[:7] == ["family", "dataset", "reference", "rank", DEFAULT_SCORE, f"{DEFAULT_SCORE}_percentile", "ood"]
+    assert "latent_variance" in header and "knn_distance" in header and "gmm_nll" in header
     assert sheet.freeze_panes == "A2" and sheet.max_row == 3
-    assert sheet["E2"].value == pytest.approx(best.latent_variance)
+    assert sheet["E2"].value == pytest.approx(best[DEFAULT_SCORE])
 
     # a second run reuses every latent file (no forward pass) and gives the same scores
     again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])

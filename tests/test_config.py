@@ -16,7 +16,7 @@ BASE = {
 
 
 def test_defaults_and_cross_pairs():
-    config = config_from_dict(BASE)
+    config = config_from_dict({**BASE, "reference": False})
     assert config.select.top_k == 30 and config.default_dtype == "float64" and config.device == "auto"
     assert config.evaluation_pairs() == [
         ("F1", "T2", False), ("F1", "T3", False), ("F2", "T1", False), ("F2", "T3", False),
@@ -24,12 +24,12 @@ def test_defaults_and_cross_pairs():
 
 
 def test_reference_adds_own_training_set():
-    pairs = config_from_dict({**BASE, "reference": True}).evaluation_pairs()
+    pairs = config_from_dict(BASE).evaluation_pairs()
     assert ("F1", "T1", True) in pairs and ("F2", "T2", True) in pairs and len(pairs) == 6
 
 
 def test_explicit_evaluations():
-    config = config_from_dict({**BASE, "evaluations": [{"family": "F1", "dataset": "T1"}, {"family": "F2", "dataset": "T3"}]})
+    config = config_from_dict({**BASE, "reference": False, "evaluations": [{"family": "F1", "dataset": "T1"}, {"family": "F2", "dataset": "T3"}]})
     assert config.evaluation_pairs() == [("F1", "T1", True), ("F2", "T3", False)]
 
 
@@ -47,6 +47,8 @@ def test_explicit_evaluations():
         ({"metadata": {"patterns": ["(\\d+)K"]}}, "no named group"),
         ({"metadata": {"patterns": ["(?P<x>"]}}, "not a valid regex"),
         ({"dask": {"n_workers": 2, "address": "tcp://x:1"}}, "not both"),
+        ({"select": {"score": "force_deviation_max"}}, "needs `forces: true`"),
+        ({"select": {"score": "vibes"}}, "select.score"),
     ],
 )
 def test_bad_configs_name_the_problem(change, message):
