@@ -117,6 +117,41 @@ def run_config(cfg) -> dict:
 
 
 @app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's output_dir.", show_default=False)],
+    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    forces_key: Annotated[str, typer.Option(help="atoms.arrays key of the reference forces.")] = "REF_forces",
+) -> None:
+    """How well each score finds OOD structures: ROC-AUC and rank correlation with the force error."""
+    from mace_ood.evaluate import evaluate_run, plot_evaluation
+    from mace_ood.report import write_csv
+
+    try:
+        table = evaluate_run(run_dir, n_bootstrap, forces_key)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    csv = write_csv(table, Path(run_dir) / "evaluation.csv")
+    png = plot_evaluation(table, Path(run_dir) / "evaluation.png") if len(table) else None
+    typer.echo(format_evaluation(table))
+    typer.echo(f"\n{csv}" + (f"\n{png}" if png else ""))
+
+
+def format_evaluation(table) -> str:
+    """A markdown table: one row per score, one column per (family, metric)."""
+    if table.empty:
+        return "nothing to evaluate: no reference forces and no in/out-of-distribution labels"
+    cells = table.assign(
+        cell=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(table.value, table.ci_low, table.ci_high, strict=True)],
+        column=table.family + " " + table.metric.str.replace("_", " "),
+    ).pivot(index="score", columns="column", values="cell")
+    cells = cells.reindex([s for s in dict.fromkeys(table.score)])
+    header = "| score | " + " | ".join(cells.columns) + " |"
+    lines = [header, "|" + "---|" * (len(cells.columns) + 1)]
+    lines += ["| " + score + " | " + " | ".join(str(v) for v in row) + " |" for score, row in cells.iterrows()]
+    return "\n".join(lines)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo data, config and run go.")] = Path("demo_work"),
     cache_dir: Annotated[

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_SCORE = "mahalanobis"
+DEFAULT_SCORE = "aligned_latent_variance"  # the best on the demo evaluation (README)
 
 
 class ConfigError(ValueError):

@@ -167,6 +167,7 @@ output_dir: run
 device: auto
 default_dtype: float64
 batch_size: 16
+forces: true              # store each seed's forces too: force-deviation scores and `mace-ood evaluate`
 datasets:
   T1: ["data/T1/*.extxyz"]
   T2: ["data/T2/*.extxyz", "data/T2/*.cif", "data/T2/*.vasp"]
@@ -179,7 +180,7 @@ model_families:
     models: [{", ".join(f'"{p}"' for p in models["T2"])}]
 evaluations: cross
 reference: true
-select: {{top_k: 30}}
+select: {{top_k: 30, ood_percentile: 99}}
 metadata: {{patterns: ['strain(?P<strain_pct>[+-]?\\d+)pct']}}
 dask: {{n_workers: 1}}
 """

@@ -110,3 +110,17 @@ def test_run_end_to_end(prefect_server, project, tmp_path):
     again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
     assert again.exit_code == 0, again.output
     pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), scores)
+
+    # the built-in evaluation: natural labels of the cross-evaluation give a ROC-AUC per score
+    evaluation = runner.invoke(app, ["evaluate", str(out), "--n-bootstrap", "50"])
+    assert evaluation.exit_code == 0, evaluation.output
+    table = pd.read_csv(out / "evaluation.csv")
+    assert set(table["metric"]) == {"roc_auc_ood_vs_training_set"}  # no reference forces in this data
+    assert {"latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll"} <= set(table["score"])
+    assert table["value"].between(0, 1).all() and (out / "evaluation.png").is_file()
+    assert "| aligned_latent_variance |" in evaluation.output
+
+
+def test_evaluate_rejects_a_folder_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert result.exit_code == 2 and "no scores" in result.output
