@@ -169,6 +169,8 @@ def demo(
     from mace_ood.pipeline import format_summary
 
     typer.echo(format_summary(result))
+    typer.echo("\nHow well does each score find what the models do not know? (`mace-ood evaluate`)")
+    evaluate(Path(cfg.output_dir))
 
 
 def main() -> None:  # pragma: no cover
