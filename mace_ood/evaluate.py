@@ -15,10 +15,8 @@ Both with percentile bootstrap 95 % intervals over structures.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
-import ase.io
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -26,6 +24,7 @@ from scipy.stats import rankdata
 
 from mace_ood.report import atomic_path, evaluation_table
 from mace_ood.scores import ALL_SCORES
+from mace_ood.structures import read_structures
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -86,20 +85,14 @@ def force_errors(scores_file: Path, forces_key: str = "REF_forces") -> np.ndarra
                 return None
             predicted.append(latent_file["forces"].values)
     mean_forces = np.mean(predicted, axis=0)
-    wanted: dict[str, dict[int, int]] = defaultdict(dict)
-    for row, (source, frame) in enumerate(zip(sources, frames, strict=True)):
-        wanted[source][int(frame)] = row
     errors = np.full(len(sources), np.nan)
-    for source, rows in wanted.items():
-        for frame, atoms in enumerate(ase.io.iread(source, index=":")):
-            if frame in rows:
-                row = rows[frame]
-                truth = reference_forces(atoms, forces_key)
-                if truth is None:
-                    continue
-                start = offsets[row]
-                diff = mean_forces[start : start + counts[row]] - truth
-                errors[row] = float(np.sqrt(np.mean(diff**2)))
+    structures = read_structures(list(zip(sources, frames, strict=True)))
+    for row, atoms in enumerate(structures):
+        truth = reference_forces(atoms, forces_key)
+        if truth is not None:
+            start = offsets[row]
+            diff = mean_forces[start : start + counts[row]] - truth
+            errors[row] = float(np.sqrt(np.mean(diff**2)))
     return errors if np.isfinite(errors).any() else None
 
 

@@ -28,6 +28,7 @@ from mace_ood.report import (
 from mace_ood.scores import ALL_SCORES, compute_scores, percentile_against
 from mace_ood.scoring import open_latents
 from mace_ood.structures import InputError, resolve_files
+from mace_ood.visual import plot_latent_pca, write_chemiscope
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,19 @@ def build_report(
         "skipped_csv": str(write_csv(skipped_frame, output_dir / "skipped.csv")),
         "report_xlsx": str(write_excel(output_dir / "report.xlsx", summary, selected, skipped_frame, score)),
     }
+    for evaluation, path in shown:
+        reference = reference_evaluation(evaluations, evaluation.family)
+        title = f"{evaluation.family} on {evaluation.dataset}"
+        plot_latent_pca(
+            evaluation.latent_paths[0], reference.latent_paths[0], path, score,
+            output_dir / "plots" / f"{evaluation.label}_latent_pca.png", title,
+        )
+        write_chemiscope(
+            by_label[evaluation.label], path, evaluation.latent_paths[0],
+            output_dir / "chemiscope" / f"{evaluation.label}.json.gz", score,
+        )
+    paths["latent_pca_plots"] = str(output_dir / "plots")
+    paths["chemiscope"] = str(output_dir / "chemiscope")
     plot = plot_score_histograms(
         tables, [by_label[reference_evaluation(evaluations, e.family).label] for e, _ in shown],
         score, config.select.ood_percentile, output_dir / f"{score}_hist.png",
@@ -294,5 +308,5 @@ def format_summary(result: dict) -> str:
         lines.append(f"  files: {row['top_dir']}")
     lines.append("")
     for key, path in result["paths"].items():
-        lines.append(f"{key:>14}: {path}")
+        lines.append(f"{key:>16}: {path}")
     return "\n".join(lines)

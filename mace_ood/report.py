@@ -19,11 +19,13 @@ import pandas as pd
 import xarray as xr
 
 from mace_ood.metadata import parse_name
-from mace_ood.structures import read_structure
+from mace_ood.structures import read_structures
 
 ID_COLUMNS = ["structure_id", "source_file", "frame_index", "n_atoms", "formula"]
 PER_ATOM_OF = {"force_deviation_max": "force_deviation", "force_deviation_mean": "force_deviation"}
 VACUUM_BOX_A = 10.0
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -33,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".partial", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are for sharing
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -125,8 +128,8 @@ def write_selected(
         offsets = pd.Series(ds["atom_offset"].values, index=ds["structure_id"].values.astype(str))
         per_atom = {name.removeprefix("atom_"): ds[name].values for name in ds.data_vars if name.startswith("atom_")
                     and name != "atom_offset"}
-        for row in selected.itertuples():
-            atoms = read_structure(row.source_file, int(row.frame_index))
+        structures = read_structures(list(zip(selected["source_file"], selected["frame_index"], strict=True)))
+        for row, atoms in zip(selected.itertuples(), structures, strict=True):
             start = int(offsets[row.structure_id])
             for name, values in per_atom.items():
                 atoms.arrays[f"MACE_OOD_{name}"] = np.asarray(values[start : start + int(row.n_atoms)], dtype=float)

@@ -90,9 +90,21 @@ def iter_structures(files: list[str]) -> Iterator[tuple[StructureRef, Atoms]]:
             yield StructureRef(f"{label}@{index}", path, index), atoms
 
 
-def read_structure(source_file: str, frame_index: int) -> Atoms:
-    """Read one frame back (for export)."""
-    return ase.io.read(source_file, index=frame_index)
+def read_structures(refs: list[tuple[str, int]]) -> list[Atoms]:
+    """Read many (source_file, frame_index) frames back, each file read once, in the given order."""
+    wanted: dict[str, dict[int, list[int]]] = {}
+    for position, (source, frame) in enumerate(refs):
+        wanted.setdefault(source, {}).setdefault(int(frame), []).append(position)
+    out: list[Atoms | None] = [None] * len(refs)
+    for source, frames in wanted.items():
+        last = max(frames)
+        for index, atoms in enumerate(ase.io.iread(source, index=f":{last + 1}")):
+            for n, position in enumerate(frames.get(index, ())):
+                out[position] = atoms if n == 0 else atoms.copy()
+    missing = [refs[i] for i, atoms in enumerate(out) if atoms is None]
+    if missing:
+        raise InputError(f"{missing[0][0]}: frame {missing[0][1]} not found (has the file changed since the run?)")
+    return out  # type: ignore[return-value]
 
 
 def check_structure(atoms: Atoms, allowed_numbers: set[int] | None = None) -> str | None:

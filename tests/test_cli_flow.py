@@ -106,6 +106,14 @@ def test_run_end_to_end(prefect_server, project, tmp_path):
     assert sheet.freeze_panes == "A2" and sheet.max_row == 3
     assert sheet["E2"].value == pytest.approx(best[DEFAULT_SCORE])
 
+    import gzip
+    import json
+
+    viewer = json.loads(gzip.open(out / "chemiscope" / "MACE_T1__T2.json.gz").read())
+    assert len(viewer["structures"]) == 5
+    assert {"latent PC1", "aligned_latent_variance", "atom latent_variance"} <= set(viewer["properties"])
+    assert (out / "plots" / "MACE_T1__T2_latent_pca.png").stat().st_size > 1000
+
     # a second run reuses every latent file (no forward pass) and gives the same scores
     again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
     assert again.exit_code == 0, again.output
