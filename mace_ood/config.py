@@ -143,6 +143,11 @@ class RunConfig(ExtractionSettings):
         description="Report each family's own training set as an evaluation too. Its latents are "
         "always extracted: the reference-based scores and percentiles are fitted on them.",
     )
+    ood_labels: dict[str, bool] = Field(
+        default_factory=dict,
+        description="For `mace-ood evaluate`: dataset -> true (out of distribution) / false (in). "
+        "Unlabelled datasets take the cross-evaluation's natural label (own training set: in; others: out).",
+    )
     select: SelectConfig = Field(default_factory=SelectConfig)
     scores: ScoresConfig = Field(default_factory=ScoresConfig)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
@@ -178,6 +183,9 @@ class RunConfig(ExtractionSettings):
                     raise ValueError(f"evaluations: unknown family {evaluation.family!r}")
                 if evaluation.dataset not in self.datasets:
                     raise ValueError(f"evaluations: unknown dataset {evaluation.dataset!r}")
+        for dataset in self.ood_labels:
+            if dataset not in self.datasets:
+                raise ValueError(f"ood_labels: unknown dataset {dataset!r}")
         return self
 
     def extraction_settings(self) -> ExtractionSettings:

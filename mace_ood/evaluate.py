@@ -6,8 +6,9 @@ For a finished run directory:
   or a calculator's forces) and the run stored predicted forces (``forces: true``), each
   structure's force RMSE of the ensemble mean; every score's Spearman rank correlation
   with it.
-- **ROC-AUC**: natural labels of the cross-evaluation: a family's own training set is
-  in-distribution (0), every other dataset it scores is out of distribution (1).
+- **ROC-AUC**: per dataset, the label given in the config's ``ood_labels``, else the natural
+  label of the cross-evaluation: a family's own training set is in-distribution (0), every
+  other dataset it scores is out of distribution (1).
 
 Both with percentile bootstrap 95 % intervals over structures.
 """
@@ -114,9 +115,13 @@ def evaluate_run(
         table["force_rmse"] = errors if errors is not None else np.nan
         tables.append(table)
     data = pd.concat(tables, ignore_index=True)
+    config_file = run_dir / "run_config.json"
+    ood_labels = json.loads(config_file.read_text()).get("ood_labels", {}) if config_file.is_file() else {}
+    natural = ~data["reference"]
+    data["ood_label"] = [ood_labels.get(d, n) for d, n in zip(data["dataset"], natural, strict=True)]
     rows = []
     for family, group in data.groupby("family"):
-        labels = (~group["reference"]).to_numpy()
+        labels = group["ood_label"].to_numpy(dtype=bool)
         error = group["force_rmse"].to_numpy()
         has_error = np.isfinite(error)
         for score in [s for s in ALL_SCORES if s in group.columns]:
@@ -128,7 +133,7 @@ def evaluate_run(
                              "value": spearman(x, y), "ci_low": low, "ci_high": high, "n": int(has_error.sum())})
             if labels.any() and (~labels).any():
                 low, high = bootstrap_interval(roc_auc, (values, labels), n_resamples, seed, strata=labels)
-                rows.append({"family": family, "score": score, "metric": "roc_auc_ood_vs_training_set",
+                rows.append({"family": family, "score": score, "metric": "roc_auc_ood_vs_in_distribution",
                              "value": roc_auc(values, labels), "ci_low": low, "ci_high": high, "n": len(values)})
     return pd.DataFrame(rows, columns=["family", "score", "metric", "value", "ci_low", "ci_high", "n"])
 

@@ -24,6 +24,7 @@ from mace_ood.report import (
     write_excel,
     write_scores_netcdf,
     write_selected,
+    write_text,
 )
 from mace_ood.scores import ALL_SCORES, compute_scores, percentile_against
 from mace_ood.scoring import open_latents
@@ -215,6 +216,7 @@ def build_report(
     )
     summary = pd.DataFrame(summary_rows)
     paths = {
+        "run_config": str(write_text(config.model_dump_json(indent=2), output_dir / "run_config.json")),
         "scores_csv": str(write_csv(all_scores, output_dir / "scores.csv")),
         "skipped_csv": str(write_csv(skipped_frame, output_dir / "skipped.csv")),
         "report_xlsx": str(write_excel(output_dir / "report.xlsx", summary, selected, skipped_frame, score)),

@@ -22,7 +22,7 @@ from mace_ood.metadata import parse_name
 from mace_ood.structures import read_structures
 
 ID_COLUMNS = ["structure_id", "source_file", "frame_index", "n_atoms", "formula"]
-PER_ATOM_OF = {"force_deviation_max": "force_deviation", "force_deviation_mean": "force_deviation"}
+PER_ATOM_OF = {"force_deviation_max": "force_deviation", "force_deviation_mean": "force_deviation"}  # else same name
 VACUUM_BOX_A = 10.0
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -154,6 +154,12 @@ def write_selected(
     selected["cif"] = cif_paths
     selected["extxyz"] = xyz_paths
     return selected
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:

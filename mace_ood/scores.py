@@ -14,9 +14,10 @@ Per atom, for S seeds with latents z_s (F channels):
 - ``gmm_nll``: mean_s of the negative log-likelihood under a Gaussian mixture fitted on
   seed s's reference latents (components by BIC).
 - ``force_deviation``: sqrt(mean_s ||F_s - mean_s F_s||^2) (DP-GEN), when forces were stored.
+- ``energy_std_per_atom``: per atom, the std over seeds of the atom's energy contribution.
 
-Per structure: the mean over its atoms of each per-atom score, plus ``force_deviation_max``
-and ``energy_std_per_atom`` (std over seeds of E_s / n_atoms).
+Per structure: the mean over its atoms of each per-atom score, except ``force_deviation_max``
+(the max) and ``energy_std_per_atom`` (std over seeds of E_s / n_atoms).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
         )
         energy = latents["energy"].values  # (seed, structure): small
         out["energy_std_per_atom"] = ("structure", energy.std(axis=0) / counts)
+        node_energy = latents["node_energy"].transpose("seed", "atom").data.rechunk({0: -1})
+        out["atom_energy_std_per_atom"] = xr.DataArray(node_energy.std(axis=0), dims=("atom",))
     for name in STRUCTURE_FIELDS:
         out[name] = latents[name]
     return out

@@ -70,6 +70,10 @@ def _combine_seeds(paths: list, opened: list[xr.Dataset], chunk_atoms: int | Non
             [ds["forces"].chunk({"atom": chunk_atoms, "xyz": -1}) for ds in opened],
             dim="seed", coords="minimal", compat="override", join="override",
         )
+        out["node_energy"] = xr.concat(
+            [ds["node_energy"].chunk({"atom": chunk_atoms}) for ds in opened],
+            dim="seed", coords="minimal", compat="override", join="override",
+        )
         out["energy"] = (("seed", "structure"), np.stack([ds["energy"].values for ds in opened]))
     for name, values in table.items():
         out[name] = ("structure", values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -49,11 +50,18 @@ def test_bad_input_is_one_line_naming_the_problem(project, tmp_path, edit, messa
     assert len(result.output.strip().splitlines()) == 1 or "cuequivariance" in result.output
 
 
-@pytest.mark.slow
-def test_run_end_to_end(prefect_server, project, tmp_path):
-    work = tmp_path / "p"
+@pytest.fixture(scope="module")
+def finished_run(prefect_server, project, tmp_path_factory):
+    """One real run of the whole flow (Dask workers, embedded Prefect server) on the tiny project."""
+    work = tmp_path_factory.mktemp("run") / "p"
     shutil.copytree(project.parent, work)
     result = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
+    return work, result
+
+
+@pytest.mark.slow
+def test_run_end_to_end(finished_run):
+    work, result = finished_run
     assert result.exit_code == 0, result.output
     out = work / "run"
     assert "MACE_T1 -> T2" in result.output and "report_xlsx" in result.output
@@ -123,7 +131,7 @@ def test_run_end_to_end(prefect_server, project, tmp_path):
     evaluation = runner.invoke(app, ["evaluate", str(out), "--n-bootstrap", "50"])
     assert evaluation.exit_code == 0, evaluation.output
     table = pd.read_csv(out / "evaluation.csv")
-    assert set(table["metric"]) == {"roc_auc_ood_vs_training_set"}  # no reference forces in this data
+    assert set(table["metric"]) == {"roc_auc_ood_vs_in_distribution"}  # no reference forces in this data
     assert {"latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll"} <= set(table["score"])
     assert table["value"].between(0, 1).all() and (out / "evaluation.png").is_file()
     assert "| aligned_latent_variance |" in evaluation.output
@@ -132,3 +140,39 @@ def test_run_end_to_end(prefect_server, project, tmp_path):
 def test_evaluate_rejects_a_folder_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert result.exit_code == 2 and "no scores" in result.output
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_run_directory(finished_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    work, result = finished_run
+    assert result.exit_code == 0, result.output
+    notebook = Path(__file__).parents[1] / "notebooks" / "ood_latent.ipynb"
+    monkeypatch.setenv("MACE_OOD_RUN_DIR", str(work / "run"))
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # histograms + one PCA/GMM figure per cross-evaluation
+    tables = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("structure_id" in o["data"]["text/html"] for o in tables)
+
+
+def test_config_labels_override_the_natural_ones(finished_run, tmp_path):
+    import json
+
+    from mace_ood.evaluate import evaluate_run
+
+    work, result = finished_run
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    shutil.copytree(work / "run", run)
+    natural = evaluate_run(run, n_resamples=10)
+    config = json.loads((run / "run_config.json").read_text())
+    config["ood_labels"] = {"T1": True, "T2": False}  # the opposite of MACE_T1's natural labels
+    (run / "run_config.json").write_text(json.dumps(config))
+    flipped = evaluate_run(run, n_resamples=10)
+    a = natural[natural.family == "MACE_T1"].set_index("score")["value"]
+    b = flipped[flipped.family == "MACE_T1"].set_index("score")["value"]
+    np.testing.assert_allclose(a + b, 1.0)

@@ -136,7 +136,7 @@ def test_force_deviation_equals_numpy_on_a_tiny_model(tiny_models, tmp_path):
     with open_latents(files) as latents:
         scores = compute_scores(latents, None).compute()
     extractors = [LatentExtractor(m, "cpu", "float64", compute_forces=True) for m in tiny_models["T1"]]
-    per_atom, maxima, energy_std = [], [], []
+    per_atom, maxima, energy_std, node_std = [], [], [], []
     for atoms in structures:
         outs = [e.outputs([e.graph(atoms)])[0] for e in extractors]
         forces = np.stack([o["forces"] for o in outs])
@@ -144,8 +144,10 @@ def test_force_deviation_equals_numpy_on_a_tiny_model(tiny_models, tmp_path):
         per_atom.append(deviation)
         maxima.append(deviation.max())
         energy_std.append(np.std([o["energy"] for o in outs]) / len(atoms))
+        node_std.append(np.stack([o["node_energy"] for o in outs]).std(axis=0))
     np.testing.assert_allclose(scores["atom_force_deviation"], np.concatenate(per_atom), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(scores["force_deviation_max"], maxima, rtol=1e-8)
     np.testing.assert_allclose(scores["force_deviation_mean"], [d.mean() for d in per_atom], rtol=1e-8)
     np.testing.assert_allclose(scores["energy_std_per_atom"], energy_std, rtol=1e-8)
+    np.testing.assert_allclose(scores["atom_energy_std_per_atom"], np.concatenate(node_std), rtol=1e-8, atol=1e-14)
     assert isinstance(scores, xr.Dataset)
