@@ -6,8 +6,10 @@ mace), computed on graphs built by mace's data pipeline in the model's dtype.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,12 +23,12 @@ from mace_ood.config import ExtractionSettings
 from mace_ood.metadata import info_fields
 from mace_ood.models import DTYPES, cached_model, invariant_columns, resolve_device, sha256_of
 from mace_ood.oom import OutOfMemoryError, free_device_memory, is_out_of_memory
-from mace_ood.store import LatentWriter, read_attrs
-from mace_ood.structures import InputError, StructureRef, check_structure, iter_structures
+from mace_ood.store import LatentWriter, partial_path, read_attrs
+from mace_ood.structures import InputError, check_structure, iter_structures
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 class LatentExtractor:
@@ -163,6 +165,9 @@ class ExtractionSummary:
     n_atoms: int = 0
     skipped: list[dict] = field(default_factory=list)
     forward_passes: int = 0
+    computed_structures: int = 0
+    copied_structures: int = 0
+    resumed_structures: int = 0
     wall_s: float = 0.0
     smallest_batch: int = 0
     reused: bool = False
@@ -179,8 +184,6 @@ class ExtractionSummary:
 
 def inputs_fingerprint(files: Iterable[str]) -> str:
     """Content hash of a dataset's files (order-sensitive)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for path in files:
         digest.update(Path(path).name.encode())
@@ -188,13 +191,56 @@ def inputs_fingerprint(files: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _batches(
-    items: Iterator[tuple[StructureRef, object, Atoms]], batch_size: int, max_atoms: int
-) -> Iterator[list[tuple[StructureRef, object, Atoms]]]:
+def structure_hash(atoms: Atoms) -> str:
+    """Content hash of what the model sees: species, positions, cell, periodicity."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(atoms.numbers, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(atoms.pbc, dtype=np.int8).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def progress_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".progress.json")
+
+
+class _PreviousLatents:
+    """Latents of an earlier file made by the same model and settings, found by structure content."""
+
+    def __init__(self, path: Path) -> None:
+        import netCDF4
+
+        self._ds = netCDF4.Dataset(path)
+        self._ds.set_auto_mask(False)
+        hashes = self._ds["structure_hash"][:]
+        self._index = {
+            h: (int(o), int(n), i)
+            for i, (h, o, n) in enumerate(zip(hashes, self._ds["atom_offset"][:], self._ds["n_atoms"][:], strict=True))
+        }
+        self.with_forces = "forces" in self._ds.variables
+
+    def get(self, key: str) -> dict | None:
+        found = self._index.get(key)
+        if found is None:
+            return None
+        offset, n, row = found
+        item = {"latent": self._ds["latent"][offset : offset + n]}
+        if self.with_forces:
+            item["forces"] = self._ds["forces"][offset : offset + n]
+            item["node_energy"] = self._ds["node_energy"][offset : offset + n]
+            item["energy"] = float(self._ds["energy"][row])
+        return item
+
+    def close(self) -> None:
+        self._ds.close()
+
+
+def _batches(items: Iterator[dict], batch_size: int, max_atoms: int) -> Iterator[list[dict]]:
     batch: list = []
     atoms_in_batch = 0
     for item in items:
-        n_atoms = len(item[2])
+        n_atoms = len(item["atoms"])
         if batch and (len(batch) >= batch_size or atoms_in_batch + n_atoms > max_atoms):
             yield batch
             batch, atoms_in_batch = [], 0
@@ -213,12 +259,21 @@ def extract_to_netcdf(
     progress: Callable[[int, int], None] | None = None,
     max_atoms_per_forward: int | None = None,
     attrs: dict | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> ExtractionSummary:
     """Run one model over every structure of ``files`` and stream latents to ``out_path``.
 
-    A finished file whose recorded model hash, input fingerprint and settings match is
-    reused without a forward pass. Structures that cannot be scored are skipped and listed
-    (with the reason) in the summary and the file's ``skipped_json`` attribute.
+    Never computes twice what is on disk:
+
+    - a finished file with the same model hash, input fingerprint and settings is reused;
+    - a run that was killed resumes after the last durable structure of its ``.partial``
+      file (recorded in ``<out>.progress.json`` after each synced chunk, and at least every
+      ``checkpoint_seconds``);
+    - when only the inputs changed, structures whose content is already in the previous
+      file (same model and settings) are copied from it, not recomputed.
+
+    Structures that cannot be scored are skipped and listed (with the reason) in the
+    summary and the file's ``skipped_json`` attribute.
 
     Parameters
     ----------
@@ -230,21 +285,24 @@ def extract_to_netcdf(
     out_path = Path(out_path)
     started = time.perf_counter()
     settings_json = settings.model_dump_json(exclude={"device"})
-    fingerprint = inputs_fingerprint(files)
     model_sha = sha256_of(model_path)
+    key = {
+        "model_sha256": model_sha,
+        "inputs_fingerprint": inputs_fingerprint(files),
+        "extraction_settings": settings_json,
+        "format_version": FORMAT_VERSION,
+    }
+    previous_file = None
     if out_path.is_file():
         existing = read_attrs(out_path)
-        if (
-            existing.get("model_sha256") == model_sha
-            and existing.get("inputs_fingerprint") == fingerprint
-            and existing.get("extraction_settings") == settings_json
-            and existing.get("format_version") == FORMAT_VERSION
-        ):
+        if all(existing.get(k) == v for k, v in key.items()):
             return ExtractionSummary(
                 path=str(out_path), model_path=str(model_path), model_sha256=model_sha,
                 n_structures=int(existing["n_structures"]), n_atoms=int(existing["n_atoms"]),
                 skipped=json.loads(existing.get("skipped_json", "[]")), reused=True,
             )
+        if all(existing.get(k) == key[k] for k in ("model_sha256", "extraction_settings", "format_version")):
+            previous_file = out_path
 
     extractor = LatentExtractor(
         model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward,
@@ -255,37 +313,14 @@ def extract_to_netcdf(
         path=str(out_path), model_path=str(model_path), model_sha256=model_sha, smallest_batch=batch_size
     )
     allowed = set(extractor.atomic_numbers)
-
-    def graphs() -> Iterator[tuple[StructureRef, object, Atoms]]:
-        for ref, atoms in iter_structures(files):
-            reason = check_structure(atoms, allowed)
-            if reason is None:
-                try:
-                    graph = extractor.graph(atoms)
-                except Exception as exc:  # noqa: BLE001 - any failure skips this structure only
-                    reason = f"graph construction failed: {exc}"
-            if reason is not None:
-                summary.skipped.append({**asdict(ref), "reason": reason})
-                log.warning("skipped %s (%s): %s", ref.structure_id, ref.source_file, reason)
-                continue
-            yield ref, graph, atoms
-
-    def on_backoff(size: int) -> None:
-        summary.smallest_batch = min(summary.smallest_batch, size)
-        log.warning("out of memory: batch split to %d structures", size)
-
     import mace
-    import torch as _torch
 
     file_attrs = {
         "title": "mace-ood per-atom invariant latents",
-        "format_version": FORMAT_VERSION,
+        **key,
         "model_file": str(model_path),
-        "model_sha256": model_sha,
-        "inputs_fingerprint": fingerprint,
-        "extraction_settings": settings_json,
         "mace_torch_version": getattr(mace, "__version__", "unknown"),
-        "torch_version": _torch.__version__,
+        "torch_version": torch.__version__,
         "default_dtype": settings.default_dtype,
         "layers": settings.layers,
         "device": extractor.device,
@@ -293,34 +328,112 @@ def extract_to_netcdf(
         "atomic_numbers": json.dumps(extractor.atomic_numbers),
         **(attrs or {}),
     }
-    writer = LatentWriter(
-        out_path, extractor.n_features, settings.default_dtype, file_attrs,
-        settings.chunk_atoms, settings.compression, with_forces=settings.forces,
-    )
-    try:
-        for batch in _batches(graphs(), batch_size, settings.max_atoms_per_batch):
-            batch_outputs = extractor.outputs([g for _, g, _ in batch], on_backoff)
-            for (ref, _, atoms), item in zip(batch, batch_outputs, strict=True):
-                writer.append(
-                    ref.structure_id, ref.source_file, ref.frame_index, item["latent"],
-                    formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
-                    forces=item.get("forces"), node_energy=item.get("node_energy"), energy=item.get("energy"),
+    record = progress_path(out_path)
+
+    def on_durable(n_structures: int, n_atoms: int, consumed: int) -> None:
+        """Record how far a restart may skip: structures on disk and inputs read up to them."""
+        state = {
+            "key": key, "n_structures": n_structures, "n_atoms": n_atoms, "n_consumed": consumed,
+            "skipped": [s for s in summary.skipped if s["consumed"] <= consumed],
+        }
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, record)
+
+    writer, n_skip_inputs = None, 0
+    if record.is_file() and partial_path(out_path).is_file():
+        state = json.loads(record.read_text())
+        if state.get("key") == key:
+            try:
+                writer = LatentWriter(
+                    out_path, extractor.n_features, settings.default_dtype, file_attrs, settings.chunk_atoms,
+                    settings.compression, settings.forces, on_durable, (state["n_structures"], state["n_atoms"]),
                 )
+                n_skip_inputs = state["n_consumed"]
+                summary.skipped = state["skipped"]
+                summary.resumed_structures = state["n_structures"]
+                log.info("resuming %s after %d structures", out_path.name, state["n_structures"])
+            except Exception as exc:  # noqa: BLE001 - an unreadable partial file means starting over
+                log.warning("cannot resume %s (%s); starting over", partial_path(out_path), exc)
+    if writer is None:
+        writer = LatentWriter(
+            out_path, extractor.n_features, settings.default_dtype, file_attrs, settings.chunk_atoms,
+            settings.compression, settings.forces, on_durable,
+        )
+    previous = _PreviousLatents(previous_file) if previous_file else None
+
+    def items() -> Iterator[dict]:
+        for index, (ref, atoms) in enumerate(iter_structures(files)):
+            if index < n_skip_inputs:
+                continue
+            reason = check_structure(atoms, allowed)
+            if reason is not None:
+                summary.skipped.append({**asdict(ref), "reason": reason, "consumed": index + 1})
+                log.warning("skipped %s (%s): %s", ref.structure_id, ref.source_file, reason)
+                continue
+            content = structure_hash(atoms)
+            copied = previous.get(content) if previous is not None else None
+            yield {"ref": ref, "atoms": atoms, "hash": content, "output": copied, "consumed": index + 1}
+
+    def on_backoff(size: int) -> None:
+        summary.smallest_batch = min(summary.smallest_batch, size)
+        log.warning("out of memory: batch split to %d structures", size)
+
+    last_checkpoint = time.monotonic()
+    try:
+        for batch in _batches(items(), batch_size, settings.max_atoms_per_batch):
+            todo = [item for item in batch if item["output"] is None]
+            graphs = []
+            for item in todo:
+                try:
+                    graphs.append(extractor.graph(item["atoms"]))
+                except Exception as exc:  # noqa: BLE001 - any failure skips this structure only
+                    item["output"] = "skip"
+                    summary.skipped.append({**asdict(item["ref"]), "reason": f"graph construction failed: {exc}",
+                                            "consumed": item["consumed"]})
+            todo = [item for item in todo if item["output"] is None]
+            for item, output in zip(todo, extractor.outputs(graphs, on_backoff) if graphs else [], strict=True):
+                item["output"] = output
+            summary.computed_structures += len(todo)
+            for item in batch:
+                output = item["output"]
+                if isinstance(output, str):
+                    continue
+                if item not in todo:
+                    summary.copied_structures += 1
+                ref, atoms = item["ref"], item["atoms"]
+                writer.append(
+                    ref.structure_id, ref.source_file, ref.frame_index, output["latent"],
+                    formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
+                    structure_hash=item["hash"], forces=output.get("forces"),
+                    node_energy=output.get("node_energy"), energy=output.get("energy"), tag=item["consumed"],
+                )
+            if time.monotonic() - last_checkpoint > checkpoint_seconds:
+                writer.checkpoint()
+                last_checkpoint = time.monotonic()
             summary.n_structures = writer.n_structures
             summary.n_atoms = writer.n_atoms_total
             if progress is not None:
                 progress(summary.n_structures, summary.n_atoms)
         if writer.n_structures == 0:
             raise InputError(f"{out_path.name}: no structure could be scored ({len(summary.skipped)} skipped)")
+        skipped = [{k: v for k, v in s.items() if k != "consumed"} for s in summary.skipped]
         writer.set_attrs({
             "n_structures": writer.n_structures,
             "n_atoms": writer.n_atoms_total,
-            "skipped_json": json.dumps(summary.skipped),
+            "skipped_json": json.dumps(skipped),
         })
+        summary.skipped = skipped
         writer.close()
+        record.unlink(missing_ok=True)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if previous is not None:
+            previous.close()
+    summary.n_structures = writer.n_structures
+    summary.n_atoms = writer.n_atoms_total
     summary.forward_passes = extractor.forward_passes
     summary.wall_s = time.perf_counter() - started
     return summary

@@ -10,6 +10,7 @@ Layout::
     frame_index(structure)
     formula(structure)         str, e.g. Cu31
     info_json(structure)       str, the scalar entries of atoms.info as JSON
+    structure_hash(structure)  str, content hash of species, positions, cell, pbc
     forces(atom, xyz), node_energy(atom), energy(structure)    only when forces are asked for
 
 The file is written under ``<name>.partial`` and renamed when closed complete, so a
@@ -20,7 +21,7 @@ one thread per process (the Dask workers run one thread each).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import netCDF4
 import numpy as np
 
 STRUCTURE_CHUNK = 4096
-STRING_FIELDS = ("structure_id", "source_file", "formula", "info_json")
+STRING_FIELDS = ("structure_id", "source_file", "formula", "info_json", "structure_hash")
 STRUCTURE_FIELDS = (*STRING_FIELDS, "frame_index", "atom_offset", "n_atoms")
 # A small HDF5 chunk cache per variable: the default 64 MiB per variable per open file
 # dominates memory when several seed files are open.
@@ -68,6 +69,8 @@ class LatentWriter:
         chunk_atoms: int = 16384,
         compression: str = "zlib",
         with_forces: bool = False,
+        on_durable: Callable[[int, int, Any], None] | None = None,
+        resume_from: tuple[int, int] | None = None,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -76,6 +79,13 @@ class LatentWriter:
         self.n_features = int(n_features)
         self.dtype = np.dtype(dtype)
         self.with_forces = with_forces
+        self.on_durable = on_durable
+        self._buffer: dict[str, list[np.ndarray]] = {}
+        self._buffered = 0
+        self._meta: list[dict[str, Any]] = []
+        if resume_from is not None:
+            self._open_for_resume(*resume_from)
+            return
         ds = netCDF4.Dataset(self.tmp_path, "w", format="NETCDF4")
         ds.set_auto_mask(False)
         ds.createDimension("atom", None)
@@ -103,12 +113,26 @@ class LatentWriter:
             ds.createVariable(name, str, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
         ds.setncatts({k: _attr(v) for k, v in (attrs or {}).items()})
         self._ds = ds
-        self._buffer: dict[str, list[np.ndarray]] = {name: [] for name in self._atom_vars}
-        self._buffered = 0
+        self._buffer = {name: [] for name in self._atom_vars}
         self._written_atoms = 0
-        self._meta: list[dict[str, Any]] = []
         self._written_structures = 0
         self.n_atoms_total = 0
+
+    def _open_for_resume(self, n_structures: int, n_atoms: int) -> None:
+        """Continue a ``.partial`` file after its first ``n_structures`` (``n_atoms`` atoms),
+        which a previous, killed writer made durable; anything after them is overwritten."""
+        ds = netCDF4.Dataset(self.tmp_path, "a")
+        ds.set_auto_mask(False)
+        self._atom_vars = {"latent": (self.n_features,)}
+        if "forces" in ds.variables:
+            self._atom_vars.update({"forces": (3,), "node_energy": ()})
+        if ds["latent"].shape[1] != self.n_features or ("forces" in ds.variables) != self.with_forces:
+            ds.close()
+            raise ValueError(f"{self.tmp_path}: does not match the settings of this extraction")
+        self._ds = ds
+        self._buffer = {name: [] for name in self._atom_vars}
+        self._written_atoms = self.n_atoms_total = int(n_atoms)
+        self._written_structures = int(n_structures)
 
     @property
     def n_structures(self) -> int:
@@ -122,13 +146,16 @@ class LatentWriter:
         latents: np.ndarray,
         formula: str = "",
         info_json: str = "{}",
+        structure_hash: str = "",
         forces: np.ndarray | None = None,
         node_energy: np.ndarray | None = None,
         energy: float | None = None,
+        tag: Any = None,
     ) -> None:
         """Add one structure's latents, shape (n_atoms, n_features), and its description.
 
         With ``with_forces``, its predicted forces (n_atoms, 3), per-atom energies and energy too.
+        ``tag`` is handed back to ``on_durable`` once this structure is durable.
         """
         if latents.ndim != 2 or latents.shape[1] != self.n_features:
             raise ValueError(f"latents of {structure_id} have shape {latents.shape}, expected (n, {self.n_features})")
@@ -137,6 +164,7 @@ class LatentWriter:
         meta = {
             "structure_id": structure_id, "source_file": source_file, "formula": formula,
             "info_json": info_json, "frame_index": int(frame_index), "n_atoms": latents.shape[0],
+            "atom_offset": self.n_atoms_total, "structure_hash": structure_hash, "tag": tag,
         }
         self._buffer["latent"].append(np.asarray(latents, dtype=self.dtype))
         if self.with_forces:
@@ -148,8 +176,25 @@ class LatentWriter:
         self.n_atoms_total += latents.shape[0]
         if self._buffered >= self.chunk_atoms:
             self._flush(whole_chunks_only=True)
-        if len(self._meta) >= STRUCTURE_CHUNK:
-            self._write_meta()
+            self._make_durable()
+
+    def checkpoint(self) -> None:
+        """Write everything appended so far (a partial chunk too) and make it durable."""
+        self._flush()
+        self._make_durable()
+
+    def _make_durable(self) -> None:
+        """Write the tables of the structures whose atoms are all on disk, sync, and report."""
+        n_whole = 0
+        for meta in self._meta:
+            if meta["atom_offset"] + meta["n_atoms"] > self._written_atoms:
+                break
+            n_whole += 1
+        if n_whole:
+            self._write_meta(n_whole)
+        if self.on_durable is not None and n_whole:
+            self._ds.sync()
+            self.on_durable(self._written_structures, self._durable_atoms, self._durable_tag)
 
     def _flush(self, whole_chunks_only: bool = False) -> None:
         if self._buffered:
@@ -164,23 +209,23 @@ class LatentWriter:
             self._written_atoms += n_write
             self._buffered -= n_write
         if self._meta and not whole_chunks_only:
-            self._write_meta()
+            self._write_meta(len(self._meta))
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, n: int) -> None:
+        metas, self._meta = self._meta[:n], self._meta[n:]
         start = self._written_structures
-        stop = start + len(self._meta)
-        counts = np.array([m["n_atoms"] for m in self._meta], dtype=np.int64)
-        offsets = self.n_atoms_total - counts.sum() + np.concatenate([[0], np.cumsum(counts)[:-1]])
+        stop = start + len(metas)
         ds = self._ds
-        ds["atom_offset"][start:stop] = offsets
-        ds["n_atoms"][start:stop] = counts.astype(np.int32)
-        ds["frame_index"][start:stop] = np.array([m["frame_index"] for m in self._meta], dtype=np.int32)
+        ds["atom_offset"][start:stop] = np.array([m["atom_offset"] for m in metas], dtype=np.int64)
+        ds["n_atoms"][start:stop] = np.array([m["n_atoms"] for m in metas], dtype=np.int32)
+        ds["frame_index"][start:stop] = np.array([m["frame_index"] for m in metas], dtype=np.int32)
         for name in STRING_FIELDS:
-            ds[name][start:stop] = np.array([m[name] for m in self._meta], dtype=object)
+            ds[name][start:stop] = np.array([m[name] for m in metas], dtype=object)
         if self.with_forces:
-            ds["energy"][start:stop] = np.array([m["energy"] for m in self._meta])
+            ds["energy"][start:stop] = np.array([m["energy"] for m in metas])
         self._written_structures = stop
-        self._meta = []
+        self._durable_atoms = metas[-1]["atom_offset"] + metas[-1]["n_atoms"]
+        self._durable_tag = metas[-1]["tag"]
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Add global attributes (e.g. totals known only at the end)."""
@@ -189,6 +234,13 @@ class LatentWriter:
     def close(self) -> Path:
         """Flush, close and rename to the final name. Returns the final path."""
         self._flush()
+        sizes = (self._ds.dimensions["atom"].size, self._ds.dimensions["structure"].size)
+        if sizes != (self.n_atoms_total, self._written_structures):
+            self._ds.close()
+            raise RuntimeError(
+                f"{self.tmp_path}: holds {sizes} atoms/structures but {self.n_atoms_total}/"
+                f"{self._written_structures} were written; not publishing it"
+            )
         self._ds.complete = 1
         self._ds.close()
         os.replace(self.tmp_path, self.path)
