@@ -128,22 +128,75 @@ class LatentExtractor:
         return results
 
     def outputs(
-        self, graphs: list, on_backoff: Callable[[int], None] | None = None
+        self,
+        graphs: list,
+        on_backoff: Callable[[int], None] | None = None,
+        structures: list[Atoms] | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Per graph: ``latent`` (and ``forces``, ``node_energy``, ``energy`` with compute_forces).
 
-        On out-of-memory the batch is split in halves, down to one graph.
+        On out-of-memory the batch is split in halves, down to one graph; a single graph
+        that still does not fit is computed by spatial domains (when its ``structures``
+        are given), which gives the same result.
         """
         try:
             return self._forward(graphs)
         except Exception as exc:
-            if not is_out_of_memory(exc) or len(graphs) == 1:
+            if not is_out_of_memory(exc):
                 raise
             free_device_memory()
+            if len(graphs) == 1:
+                if structures is None:
+                    raise
+                if on_backoff is not None:
+                    on_backoff(0)
+                return [self.outputs_by_domains(structures[0])]
             half = len(graphs) // 2
             if on_backoff is not None:
                 on_backoff(half)
-            return self.outputs(graphs[:half], on_backoff) + self.outputs(graphs[half:], on_backoff)
+            first = structures[:half] if structures is not None else None
+            rest = structures[half:] if structures is not None else None
+            return self.outputs(graphs[:half], on_backoff, first) + self.outputs(graphs[half:], on_backoff, rest)
+
+    @property
+    def receptive_field(self) -> float:
+        """Distance beyond which atoms cannot change an atom's last-layer features (Å)."""
+        return int(self.model.num_interactions) * self.r_max
+
+    def outputs_by_domains(self, atoms: Atoms, grid: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+        """One structure computed domain by domain, each with a halo of the receptive field
+        (twice that for forces); the finest grid needed to fit is found by trying."""
+        from mace_ood.domains import decompose, grids
+
+        halo = self.receptive_field * (2 if self.compute_forces else 1)
+        candidates = [grid] if grid is not None else grids(atoms)
+        for candidate in candidates:
+            domains = list(decompose(atoms, candidate, halo))
+            if self.max_atoms_per_forward is not None and max(len(d.cluster) for d in domains) > self.max_atoms_per_forward:
+                continue
+            try:
+                results = [(d, self._forward([self.graph(d.cluster)])[0]) for d in domains]
+            except Exception as exc:
+                if not is_out_of_memory(exc) or grid is not None:
+                    raise
+                free_device_memory()
+                continue
+            out: dict[str, np.ndarray] = {}
+            for domain, result in results:
+                for name, values in result.items():
+                    if name == "energy":
+                        continue
+                    if name not in out:
+                        out[name] = np.empty((len(atoms), *values.shape[1:]), dtype=values.dtype)
+                    out[name][domain.core_in_structure] = values[domain.core_in_cluster]
+            if self.compute_forces:
+                out["energy"] = float(out["node_energy"].sum())
+            log.info("%d atoms computed in %d domains (grid %s, halo %.1f A)", len(atoms), len(domains), candidate, halo)
+            return out
+        raise OutOfMemoryError(
+            f"out of memory: a structure of {len(atoms)} atoms does not fit even split into domains "
+            f"(halo {halo:.1f} A); use a device with more memory"
+        )
 
     def latents(self, graphs: list, on_backoff: Callable[[int], None] | None = None) -> list[np.ndarray]:
         """Latents of each graph, shape (n_atoms, n_features)."""
@@ -168,6 +221,7 @@ class ExtractionSummary:
     computed_structures: int = 0
     copied_structures: int = 0
     resumed_structures: int = 0
+    split_structures: int = 0
     wall_s: float = 0.0
     smallest_batch: int = 0
     reused: bool = False
@@ -376,8 +430,12 @@ def extract_to_netcdf(
             yield {"ref": ref, "atoms": atoms, "hash": content, "output": copied, "consumed": index + 1}
 
     def on_backoff(size: int) -> None:
-        summary.smallest_batch = min(summary.smallest_batch, size)
-        log.warning("out of memory: batch split to %d structures", size)
+        summary.smallest_batch = min(summary.smallest_batch, max(size, 1))
+        if size:
+            log.warning("out of memory: batch split to %d structures", size)
+        else:
+            summary.split_structures += 1
+            log.warning("out of memory on a single structure: computing it by spatial domains")
 
     last_checkpoint = time.monotonic()
     try:
@@ -392,7 +450,8 @@ def extract_to_netcdf(
                     summary.skipped.append({**asdict(item["ref"]), "reason": f"graph construction failed: {exc}",
                                             "consumed": item["consumed"]})
             todo = [item for item in todo if item["output"] is None]
-            for item, output in zip(todo, extractor.outputs(graphs, on_backoff) if graphs else [], strict=True):
+            computed = extractor.outputs(graphs, on_backoff, [item["atoms"] for item in todo]) if graphs else []
+            for item, output in zip(todo, computed, strict=True):
                 item["output"] = output
             summary.computed_structures += len(todo)
             for item in batch:
