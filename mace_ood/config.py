@@ -24,12 +24,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ModelFile(_Strict):
+    """A model file with the SHA-256 it must have (checked before the pickle is loaded)."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
 class ModelFamily(_Strict):
     """A set of MACE models trained on one dataset with different random seeds."""
 
     trained_on: str = Field(description="Name of the dataset (key of `datasets`) the seeds were trained on.")
-    models: list[str] = Field(
-        min_length=1, description="MACE `.model` files or globs, one file per seed."
+    models: list[str | ModelFile] = Field(
+        min_length=1,
+        description="MACE `.model` files or globs, one file per seed; or {path, sha256} to pin a file's content.",
     )
 
 
@@ -264,7 +272,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         for family in data["model_families"].values():
             if isinstance(family, dict) and "models" in family:
                 models = family["models"]
-                family["models"] = [_resolve(p, base_dir) for p in ([models] if isinstance(models, str) else models)]
+                family["models"] = [
+                    {**p, "path": _resolve(str(p["path"]), base_dir)} if isinstance(p, dict) and "path" in p
+                    else _resolve(p, base_dir) if isinstance(p, str) else p
+                    for p in ([models] if isinstance(models, str) else models)
+                ]
     if "output_dir" in data and data["output_dir"] is not None:
         data["output_dir"] = _resolve(str(data["output_dir"]), base_dir)
     return config_from_dict(data, source=str(path))

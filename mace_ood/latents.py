@@ -416,11 +416,22 @@ def extract_to_netcdf(
         )
     previous = _PreviousLatents(previous_file) if previous_file else None
 
+    seen_ids: set[str] = set()
+    consumed = [n_skip_inputs]
+
+    def unreadable(ref, reason: str) -> None:
+        summary.skipped.append({**asdict(ref), "reason": reason, "consumed": consumed[0]})
+        log.warning("skipped %s: %s", ref.source_file, reason)
+
     def items() -> Iterator[dict]:
-        for index, (ref, atoms) in enumerate(iter_structures(files)):
+        for index, (ref, atoms) in enumerate(iter_structures(files, on_error=unreadable)):
             if index < n_skip_inputs:
                 continue
+            consumed[0] = index + 1
             reason = check_structure(atoms, allowed)
+            if ref.structure_id in seen_ids:
+                reason = "duplicate structure id"
+            seen_ids.add(ref.structure_id)
             if reason is not None:
                 summary.skipped.append({**asdict(ref), "reason": reason, "consumed": index + 1})
                 log.warning("skipped %s (%s): %s", ref.structure_id, ref.source_file, reason)

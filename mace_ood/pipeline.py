@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mace_ood.config import RunConfig, ScoresConfig
-from mace_ood.models import ModelError, check_family, describe_model
+from mace_ood.config import ModelFile, RunConfig, ScoresConfig
+from mace_ood.models import ModelError, check_family, describe_model, sha256_of
 from mace_ood.reference import FamilyReference, fit_reference
 from mace_ood.report import (
     evaluation_label,
@@ -73,13 +73,20 @@ def latent_path(output_dir: Path, family: str, dataset: str, seed: int) -> Path:
     return output_dir / "latents" / family / dataset / f"seed-{seed}.nc"
 
 
-def resolve_models(family: str, patterns: list[str]) -> list[str]:
+def resolve_models(family: str, entries: list[str | ModelFile]) -> list[str]:
+    """Model files of a family, globs expanded; pinned SHA-256s are checked before any load."""
     paths: list[str] = []
-    for pattern in patterns:
+    for entry in entries:
+        pattern = entry.path if isinstance(entry, ModelFile) else entry
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
             raise ModelError(f"family {family!r}: {pattern}: matches no model file")
+        if isinstance(entry, ModelFile):
+            for match in matches:
+                actual = sha256_of(match)
+                if actual != entry.sha256.lower():
+                    raise ModelError(f"{match}: SHA-256 is {actual}, the config pins {entry.sha256.lower()}; not loading it")
         paths.extend(str(Path(m).resolve()) for m in matches)
     return list(dict.fromkeys(paths))
 
@@ -214,6 +221,12 @@ def build_report(
     skipped_frame = pd.DataFrame(
         skipped, columns=["family", "seed", "dataset", "structure_id", "source_file", "frame_index", "reason"]
     )
+    if len(skipped_frame):  # one row per structure and reason, with the seeds that skipped it
+        keys = ["family", "dataset", "structure_id", "source_file", "frame_index", "reason"]
+        skipped_frame = (
+            skipped_frame.astype({"seed": str}).groupby(keys, sort=False, dropna=False)["seed"]
+            .agg(",".join).rename("seeds").reset_index()
+        )
     summary = pd.DataFrame(summary_rows)
     paths = {
         "run_config": str(write_text(config.model_dump_json(indent=2), output_dir / "run_config.json")),

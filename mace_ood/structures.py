@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,17 +50,27 @@ def resolve_files(patterns: Iterable[str], dataset: str = "") -> list[str]:
 def file_labels(files: list[str]) -> dict[str, str]:
     """A short unique label per file: its stem, or its path below the common folder when stems clash."""
     stems = [Path(f).stem for f in files]
-    if len(set(stems)) == len(stems):
+    clashing = {s for s in stems if stems.count(s) > 1}
+    if not clashing:
         return dict(zip(files, stems, strict=True))
     common = Path(os.path.commonpath([os.path.dirname(f) for f in files]))
-    return {
-        f: str(Path(f).relative_to(common).with_suffix("")).replace(os.sep, "__") for f in files
+
+    def longer(path: str, keep_suffix: bool) -> str:
+        relative = Path(path).relative_to(common)
+        return str(relative if keep_suffix else relative.with_suffix("")).replace(os.sep, "__")
+
+    labels = {f: (longer(f, False) if s in clashing else s) for f, s in zip(files, stems, strict=True)}
+    values = list(labels.values())
+    return {  # a.xyz beside a.cif: keep the suffix too
+        f: longer(f, True) if values.count(label) > 1 else label for f, label in labels.items()
     }
 
 
 def _read_frames(path: str) -> Iterator[Atoms]:
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: is empty")
     try:
-        yield from ase.io.iread(path, index=":")
+        yield from ase.io.iread(path, index=":", do_not_split_by_at_sign=True)
     except StopIteration:
         return
     except Exception as exc:  # ase raises many types for unreadable input
@@ -67,27 +78,38 @@ def _read_frames(path: str) -> Iterator[Atoms]:
         raise InputError(f"{path}: cannot be read as a structure file ({reason})") from exc
 
 
-def iter_structures(files: list[str]) -> Iterator[tuple[StructureRef, Atoms]]:
+def iter_structures(
+    files: list[str], on_error: Callable[[StructureRef, str], None] | None = None
+) -> Iterator[tuple[StructureRef, Atoms]]:
     """Yield every frame of every file, with its id.
 
     A single-frame file's id is its label; frames of a multi-frame file are ``label@frame``.
     The atoms come one by one (``ase.io.iread``) so a large trajectory is never held whole.
+    A file that cannot be read (or its unreadable rest) raises :class:`InputError`, or with
+    ``on_error`` is reported there (ref of the first frame not read, reason) and skipped.
     """
     labels = file_labels(files)
     for path in files:
-        frames = _read_frames(path)
-        first = next(frames, None)
-        if first is None:
-            raise InputError(f"{path}: contains no structure")
-        second = next(frames, None)
-        if second is None:
-            yield StructureRef(labels[path], path, 0), first
-            continue
         label = labels[path]
-        yield StructureRef(f"{label}@0", path, 0), first
-        yield StructureRef(f"{label}@1", path, 1), second
-        for index, atoms in enumerate(frames, start=2):
-            yield StructureRef(f"{label}@{index}", path, index), atoms
+        n_read = 0
+        try:
+            frames = _read_frames(path)
+            first = next(frames, None)
+            if first is None:
+                raise InputError(f"{path}: contains no structure")
+            second = next(frames, None)
+            if second is None:
+                n_read = 1
+                yield StructureRef(label, path, 0), first
+                continue
+            for index, atoms in enumerate(itertools.chain([first, second], frames)):
+                n_read = index + 1
+                yield StructureRef(f"{label}@{index}", path, index), atoms
+        except InputError as exc:
+            if on_error is None:
+                raise
+            where = f"{label}@{n_read}" if n_read else label
+            on_error(StructureRef(where, path, n_read), str(exc).removeprefix(f"{path}: "))
 
 
 def read_structures(refs: list[tuple[str, int]]) -> list[Atoms]:
@@ -98,13 +120,16 @@ def read_structures(refs: list[tuple[str, int]]) -> list[Atoms]:
     out: list[Atoms | None] = [None] * len(refs)
     for source, frames in wanted.items():
         last = max(frames)
-        for index, atoms in enumerate(ase.io.iread(source, index=f":{last + 1}")):
+        for index, atoms in enumerate(ase.io.iread(source, index=f":{last + 1}", do_not_split_by_at_sign=True)):
             for n, position in enumerate(frames.get(index, ())):
                 out[position] = atoms if n == 0 else atoms.copy()
     missing = [refs[i] for i, atoms in enumerate(out) if atoms is None]
     if missing:
         raise InputError(f"{missing[0][0]}: frame {missing[0][1]} not found (has the file changed since the run?)")
     return out  # type: ignore[return-value]
+
+
+MIN_DISTANCE_A = 0.1
 
 
 def check_structure(atoms: Atoms, allowed_numbers: set[int] | None = None) -> str | None:
@@ -114,6 +139,15 @@ def check_structure(atoms: Atoms, allowed_numbers: set[int] | None = None) -> st
     positions = atoms.get_positions()
     if not np.all(np.isfinite(positions)):
         return "has NaN or infinite positions"
+    if atoms.pbc.any() and atoms.cell.rank < 3:
+        return "is periodic but has no full cell"
+    if len(atoms) > 1:
+        from ase.neighborlist import neighbor_list
+
+        i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE_A)
+        if len(d):
+            k = int(np.argmin(d))
+            return f"atoms {i[k]} and {j[k]} are {d[k]:.3f} A apart (< {MIN_DISTANCE_A} A)"
     if allowed_numbers is not None:
         unknown = sorted(set(atoms.numbers.tolist()) - allowed_numbers)
         if unknown:

@@ -21,6 +21,18 @@ from mace_ood.structures import iter_structures
 runner = CliRunner()
 
 
+def test_pinned_sha256_is_accepted(project, tmp_path):
+    from mace_ood.models import sha256_of
+
+    config = yaml.safe_load(project.read_text())
+    models = sorted((project.parent / "models").glob("T1_seed*.model"))
+    config["model_families"]["MACE_T1"]["models"] = [{"path": str(m), "sha256": sha256_of(m)} for m in models]
+    path = project.parent / "pinned.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
 def test_validate_prints_the_plan(project):
     result = runner.invoke(app, ["validate", str(project)])
     assert result.exit_code == 0, result.output
@@ -37,6 +49,11 @@ def test_validate_prints_the_plan(project):
         (lambda c: c["datasets"].update(T2=["data/nothing/*.xyz"]), "matches no file"),
         (lambda c: c["model_families"]["MACE_T1"].update(models=["models/T1_seed0.model"]), "at least 2 seeds"),
         (lambda c: c["model_families"]["MACE_T1"].update(models=["config.yaml", "models/T1_seed1.model"]), "config.yaml"),
+        (lambda c: c["model_families"]["MACE_T1"].update(
+            models=[{"path": "models/T1_seed0.model", "sha256": "0" * 64}, "models/T1_seed1.model"]), "SHA-256 is"),
+        (lambda c: c.update(output_dir="config.yaml/run"), "output directory is not writable"),
+        (lambda c: c["model_families"]["MACE_T1"].update(models=[{"path": "models/T1_seed0.model", "sha256": "xyz"}]),
+         "model_families.MACE_T1.models.0"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(project, tmp_path, edit, message):
