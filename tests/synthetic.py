@@ -7,6 +7,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import yaml
+from ase import Atoms
 
 from mace_ood.store import LatentWriter
 from mace_ood.testing import random_structures, save_tiny_family, write_dataset
@@ -20,6 +21,7 @@ def make_project(root: Path, n_seeds: int = 3) -> Path:
     write_dataset(root / "data" / "T1", "relaxed_Cu4", random_structures(1, seed=2, sizes=(1,)))
     write_dataset(root / "data" / "T2", "slab_CuAl_T600K", random_structures(4, seed=3, sizes=(2, 1)))
     ase.io.write(root / "data" / "T2" / "cellrelaxed_Al4.cif", random_structures(1, seed=4, sizes=(1,))[0])
+    ase.io.write(root / "data" / "T2" / "iron_Fe2.xyz", Atoms("Fe2", positions=[[0, 0, 0], [1.4, 1.4, 1.4]], cell=[2.8] * 3, pbc=True))
     config = {
         "output_dir": "run",
         "device": "cpu",

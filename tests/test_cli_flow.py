@@ -103,7 +103,7 @@ def test_run_end_to_end(finished_run):
     # the score equals a plain numpy computation from the models themselves
     models = sorted((work / "models").glob("T1_seed*.model"))
     extractors = [LatentExtractor(m, "cpu", "float64") for m in models]
-    files = sorted(str(p) for p in (work / "data" / "T2").glob("*.xyz")) + [str(work / "data" / "T2" / "cellrelaxed_Al4.cif")]
+    files = [str(work / "data" / "T2" / "slab_CuAl_T600K.xyz"), str(work / "data" / "T2" / "cellrelaxed_Al4.cif")]
     expected = {}
     for ref, atoms in iter_structures(sorted(files)):
         stacked = np.stack([e(atoms) for e in extractors])
@@ -138,6 +138,12 @@ def test_run_end_to_end(finished_run):
     assert len(viewer["structures"]) == 5
     assert {"latent PC1", "aligned_latent_variance", "atom latent_variance"} <= set(viewer["properties"])
     assert (out / "plots" / "MACE_T1__T2_latent_pca.png").stat().st_size > 1000
+
+    skipped = pd.read_csv(out / "skipped.csv")
+    iron = skipped[skipped.structure_id == "iron_Fe2"]
+    assert set(iron.family) == {"MACE_T1", "MACE_T2"} and set(iron.seeds) == {"0,1,2"}
+    assert "Fe" in iron.reason.iloc[0]
+    assert book["skipped"].max_row == len(skipped) + 1
 
     # a second run reuses every latent file (no forward pass) and gives the same scores
     again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
