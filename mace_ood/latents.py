@@ -274,6 +274,9 @@ class _PreviousLatents:
         }
         self.with_forces = "forces" in self._ds.variables
 
+    def has(self, key: str) -> bool:
+        return key in self._index
+
     def get(self, key: str) -> dict | None:
         found = self._index.get(key)
         if found is None:
@@ -288,6 +291,50 @@ class _PreviousLatents:
 
     def close(self) -> None:
         self._ds.close()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead; its errors re-raise here."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            items.put(_Failed(exc))
+
+    thread = threading.Thread(target=produce, name="mace-ood-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _batches(items: Iterator[dict], batch_size: int, max_atoms: int) -> Iterator[list[dict]]:
@@ -437,8 +484,17 @@ def extract_to_netcdf(
                 log.warning("skipped %s (%s): %s", ref.structure_id, ref.source_file, reason)
                 continue
             content = structure_hash(atoms)
-            copied = previous.get(content) if previous is not None else None
-            yield {"ref": ref, "atoms": atoms, "hash": content, "output": copied, "consumed": index + 1}
+            item = {"ref": ref, "atoms": atoms, "hash": content, "output": None, "consumed": index + 1}
+            if previous is not None and previous.has(content):
+                item["copy"] = True  # read in the main thread: HDF5 is not thread-safe
+            else:
+                try:
+                    item["graph"] = extractor.graph(atoms)
+                except Exception as exc:  # noqa: BLE001 - any failure skips this structure only
+                    summary.skipped.append({**asdict(ref), "reason": f"graph construction failed: {exc}",
+                                            "consumed": index + 1})
+                    continue
+            yield item
 
     def on_backoff(size: int) -> None:
         summary.smallest_batch = min(summary.smallest_batch, max(size, 1))
@@ -450,27 +506,19 @@ def extract_to_netcdf(
 
     last_checkpoint = time.monotonic()
     try:
-        for batch in _batches(items(), batch_size, settings.max_atoms_per_batch):
-            todo = [item for item in batch if item["output"] is None]
-            graphs = []
-            for item in todo:
-                try:
-                    graphs.append(extractor.graph(item["atoms"]))
-                except Exception as exc:  # noqa: BLE001 - any failure skips this structure only
-                    item["output"] = "skip"
-                    summary.skipped.append({**asdict(item["ref"]), "reason": f"graph construction failed: {exc}",
-                                            "consumed": item["consumed"]})
-            todo = [item for item in todo if item["output"] is None]
+        # reading, checks and neighbour lists run in a background thread, overlapping the model
+        for batch in prefetch(_batches(items(), batch_size, settings.max_atoms_per_batch)):
+            todo = [item for item in batch if "graph" in item]
+            graphs = [item["graph"] for item in todo]
             computed = extractor.outputs(graphs, on_backoff, [item["atoms"] for item in todo]) if graphs else []
             for item, output in zip(todo, computed, strict=True):
                 item["output"] = output
             summary.computed_structures += len(todo)
             for item in batch:
-                output = item["output"]
-                if isinstance(output, str):
-                    continue
-                if item not in todo:
+                if item.get("copy"):
+                    item["output"] = previous.get(item["hash"])
                     summary.copied_structures += 1
+                output = item["output"]
                 ref, atoms = item["ref"], item["atoms"]
                 writer.append(
                     ref.structure_id, ref.source_file, ref.frame_index, output["latent"],
