@@ -132,7 +132,9 @@ class ExtractionSettings(_Strict):
         "about 2-3x slower); enables the force_deviation scores and `mace-ood evaluate` errors.",
     )
     chunk_atoms: int = Field(16384, ge=64, description="netCDF chunk length along atoms.")
-    compression: Literal["zlib", "none"] = Field("zlib", description="netCDF compression of latents.")
+    compression: Literal["zlib", "blosc_lz4", "zstd", "none"] = Field(
+        "zlib", description="netCDF compression of latents (blosc_lz4/zstd: readable through netCDF4)."
+    )
 
 
 class RunConfig(ExtractionSettings):

@@ -24,7 +24,7 @@ from mace_ood.metadata import info_fields
 from mace_ood.models import DTYPES, cached_model, invariant_columns, resolve_device, sha256_of
 from mace_ood.oom import OutOfMemoryError, free_device_memory, is_out_of_memory
 from mace_ood.store import LatentWriter, partial_path, read_attrs
-from mace_ood.structures import InputError, check_structure, iter_structures
+from mace_ood.structures import MIN_DISTANCE_A, InputError, check_structure, iter_structures
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,20 @@ class LatentExtractor:
                 config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads
             )
 
-    def _forward(self, graphs: list) -> list[dict[str, np.ndarray]]:
+    @staticmethod
+    def collate(graphs: list):
+        """mace's batch of several graphs (on the CPU; done ahead of time by the loader thread)."""
         from mace.tools.torch_geometric.batch import Batch
 
+        return Batch.from_data_list(graphs)
+
+    def _forward(self, graphs: list, batch=None) -> list[dict[str, np.ndarray]]:
         n_atoms = sum(int(g.num_nodes) for g in graphs)
         if self.max_atoms_per_forward is not None and n_atoms > self.max_atoms_per_forward:
             raise OutOfMemoryError(
                 f"out of memory: {n_atoms} atoms exceed the budget of {self.max_atoms_per_forward}"
             )
-        batch = Batch.from_data_list(graphs).to(self.device)
+        batch = (batch if batch is not None else self.collate(graphs)).to(self.device)
         if self.compute_forces:
             with torch.enable_grad():
                 out = self.model(batch.to_dict(), compute_force=True)
@@ -132,15 +137,16 @@ class LatentExtractor:
         graphs: list,
         on_backoff: Callable[[int], None] | None = None,
         structures: list[Atoms] | None = None,
+        batch=None,
     ) -> list[dict[str, np.ndarray]]:
         """Per graph: ``latent`` (and ``forces``, ``node_energy``, ``energy`` with compute_forces).
 
         On out-of-memory the batch is split in halves, down to one graph; a single graph
         that still does not fit is computed by spatial domains (when its ``structures``
-        are given), which gives the same result.
+        are given), which gives the same result. ``batch``: ``graphs`` already collated.
         """
         try:
-            return self._forward(graphs)
+            return self._forward(graphs, batch)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -255,6 +261,21 @@ def structure_hash(atoms: Atoms) -> str:
     return digest.hexdigest()[:32]
 
 
+def close_atoms(graph) -> str | None:
+    """Why a graph's atoms are too close (< MIN_DISTANCE_A), from its own edges; else None."""
+    edges = graph["edge_index"]
+    if edges.shape[1] == 0:
+        return None
+    positions = graph["positions"]
+    vectors = positions[edges[1]] - positions[edges[0]] + graph["shifts"]
+    lengths = torch.linalg.vector_norm(vectors, dim=1)
+    k = int(torch.argmin(lengths))
+    if float(lengths[k]) >= MIN_DISTANCE_A:
+        return None
+    i, j = int(edges[0, k]), int(edges[1, k])
+    return f"atoms {min(i, j)} and {max(i, j)} are {float(lengths[k]):.3f} A apart (< {MIN_DISTANCE_A} A)"
+
+
 def progress_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".progress.json")
 
@@ -335,6 +356,14 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def _collated(batches: Iterator[list[dict]]) -> Iterator[tuple[list[dict], object]]:
+    from mace.tools.torch_geometric.batch import Batch
+
+    for batch in batches:
+        graphs = [item["graph"] for item in batch if "graph" in item]
+        yield batch, Batch.from_data_list(graphs) if graphs else None
 
 
 def _batches(items: Iterator[dict], batch_size: int, max_atoms: int) -> Iterator[list[dict]]:
@@ -490,9 +519,12 @@ def extract_to_netcdf(
             else:
                 try:
                     item["graph"] = extractor.graph(atoms)
+                    reason = close_atoms(item["graph"])
                 except Exception as exc:  # noqa: BLE001 - any failure skips this structure only
-                    summary.skipped.append({**asdict(ref), "reason": f"graph construction failed: {exc}",
-                                            "consumed": index + 1})
+                    reason = f"graph construction failed: {exc}"
+                if reason is not None:
+                    summary.skipped.append({**asdict(ref), "reason": reason, "consumed": index + 1})
+                    log.warning("skipped %s (%s): %s", ref.structure_id, ref.source_file, reason)
                     continue
             yield item
 
@@ -507,10 +539,11 @@ def extract_to_netcdf(
     last_checkpoint = time.monotonic()
     try:
         # reading, checks and neighbour lists run in a background thread, overlapping the model
-        for batch in prefetch(_batches(items(), batch_size, settings.max_atoms_per_batch)):
+        for batch, collated in prefetch(_collated(_batches(items(), batch_size, settings.max_atoms_per_batch))):
             todo = [item for item in batch if "graph" in item]
             graphs = [item["graph"] for item in todo]
-            computed = extractor.outputs(graphs, on_backoff, [item["atoms"] for item in todo]) if graphs else []
+            structures = [item["atoms"] for item in todo]
+            computed = extractor.outputs(graphs, on_backoff, structures, collated) if graphs else []
             for item, output in zip(todo, computed, strict=True):
                 item["output"] = output
             summary.computed_structures += len(todo)

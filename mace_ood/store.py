@@ -29,6 +29,12 @@ import netCDF4
 import numpy as np
 
 STRUCTURE_CHUNK = 4096
+COMPRESSION = {  # netCDF4 filter settings by name (blosc and zstd ship with the netCDF4 wheels)
+    "zlib": {"compression": "zlib", "complevel": 1, "shuffle": True},
+    "blosc_lz4": {"compression": "blosc_lz4", "complevel": 5, "blosc_shuffle": 1},
+    "zstd": {"compression": "zstd", "complevel": 1, "shuffle": True},
+    "none": {},
+}
 STRING_FIELDS = ("structure_id", "source_file", "formula", "info_json", "structure_hash")
 STRUCTURE_FIELDS = (*STRING_FIELDS, "frame_index", "atom_offset", "n_atoms")
 # A small HDF5 chunk cache per variable: the default 64 MiB per variable per open file
@@ -57,7 +63,7 @@ class LatentWriter:
     chunk_atoms
         Chunk length along atoms; writes are buffered to whole chunks.
     compression
-        ``"zlib"`` (level 1) or ``"none"``.
+        A key of ``COMPRESSION``: ``zlib`` (level 1), ``blosc_lz4``, ``zstd`` or ``none``.
     """
 
     def __init__(
@@ -91,7 +97,7 @@ class LatentWriter:
         ds.createDimension("atom", None)
         ds.createDimension("feature", self.n_features)
         ds.createDimension("structure", None)
-        compress = {"compression": "zlib", "complevel": 1, "shuffle": True} if compression == "zlib" else {}
+        compress = COMPRESSION[compression]
         ds.createVariable(
             "latent", self.dtype, ("atom", "feature"),
             chunksizes=(self.chunk_atoms, self.n_features), **compress,

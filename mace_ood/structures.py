@@ -133,7 +133,8 @@ MIN_DISTANCE_A = 0.1
 
 
 def check_structure(atoms: Atoms, allowed_numbers: set[int] | None = None) -> str | None:
-    """Why a structure cannot be scored, or None when it can."""
+    """Why a structure cannot be scored, or None when it can (too-close atoms: see
+    :func:`mace_ood.latents.close_atoms`, which reuses the model's neighbour list)."""
     if len(atoms) == 0:
         return "has no atoms"
     positions = atoms.get_positions()
@@ -141,13 +142,6 @@ def check_structure(atoms: Atoms, allowed_numbers: set[int] | None = None) -> st
         return "has NaN or infinite positions"
     if atoms.pbc.any() and atoms.cell.rank < 3:
         return "is periodic but has no full cell"
-    if len(atoms) > 1:
-        from ase.neighborlist import neighbor_list
-
-        i, j, d = neighbor_list("ijd", atoms, MIN_DISTANCE_A)
-        if len(d):
-            k = int(np.argmin(d))
-            return f"atoms {i[k]} and {j[k]} are {d[k]:.3f} A apart (< {MIN_DISTANCE_A} A)"
     if allowed_numbers is not None:
         unknown = sorted(set(atoms.numbers.tolist()) - allowed_numbers)
         if unknown:
