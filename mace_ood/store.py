@@ -29,10 +29,13 @@ import netCDF4
 import numpy as np
 
 STRUCTURE_CHUNK = 4096
-COMPRESSION = {  # netCDF4 filter settings by name (blosc and zstd ship with the netCDF4 wheels)
+# netCDF4 filter settings by name. blosc_lz4 wrote fastest in benchmarks/scoring.py but its
+# HDF5 filter fails ("Buffer is uncompressible", then an HDF error) on incompressible chunks,
+# e.g. random float64 mantissas: zstd is the default.
+COMPRESSION = {
+    "zstd": {"compression": "zstd", "complevel": 1, "shuffle": True},
     "zlib": {"compression": "zlib", "complevel": 1, "shuffle": True},
     "blosc_lz4": {"compression": "blosc_lz4", "complevel": 5, "blosc_shuffle": 1},
-    "zstd": {"compression": "zstd", "complevel": 1, "shuffle": True},
     "none": {},
 }
 STRING_FIELDS = ("structure_id", "source_file", "formula", "info_json", "structure_hash")
@@ -63,7 +66,7 @@ class LatentWriter:
     chunk_atoms
         Chunk length along atoms; writes are buffered to whole chunks.
     compression
-        A key of ``COMPRESSION``: ``zlib`` (level 1), ``blosc_lz4``, ``zstd`` or ``none``.
+        A key of ``COMPRESSION``: ``zstd`` (default, level 1), ``zlib`` (level 1) or ``none``.
     """
 
     def __init__(
@@ -73,7 +76,7 @@ class LatentWriter:
         dtype: str | np.dtype = "float32",
         attrs: Mapping[str, Any] | None = None,
         chunk_atoms: int = 16384,
-        compression: str = "zlib",
+        compression: str = "zstd",
         with_forces: bool = False,
         on_durable: Callable[[int, int, Any], None] | None = None,
         resume_from: tuple[int, int] | None = None,
