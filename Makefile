@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY ?= PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# All four benchmarks (about 25 min on 2 cores); each prints a markdown table.
+bench: setup
+	$(PY) benchmarks/extraction.py
+	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/full_run.py memory
+	$(PY) benchmarks/full_run.py workers --seeds 4
 
 lint: setup
 	$(VENV)/bin/ruff check mace_ood flows tasks tests benchmarks
