@@ -57,7 +57,9 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     import torch
 
     n_gpus = torch.cuda.device_count() if resolve_device(device).startswith("cuda") else 0
-    n_workers = dask_config.n_workers or max(1, n_gpus)
+    # CPU: single-threaded-ish workers scale better than torch threads on small graphs
+    # (benchmarks/full_run.py workers: 2 workers 1.25x faster than 1 on 2 cores)
+    n_workers = dask_config.n_workers or (n_gpus if n_gpus else max(1, min(4, os.cpu_count() or 1)))
     cluster_kwargs = {
         "n_workers": n_workers,
         "threads_per_worker": 1,

@@ -98,7 +98,7 @@ class MetadataConfig(_Strict):
 
 class DaskConfig(_Strict):
     n_workers: int | None = Field(
-        None, ge=1, description="Workers of the local cluster; default: one per GPU, else 1."
+        None, ge=1, description="Workers of the local cluster; default: one per GPU, else min(4, CPU cores)."
     )
     address: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."

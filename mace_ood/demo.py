@@ -182,7 +182,7 @@ evaluations: cross
 reference: true
 select: {{top_k: 30, ood_percentile: 99}}
 metadata: {{patterns: ['strain(?P<strain_pct>[+-]?\\d+)pct']}}
-dask: {{n_workers: 1}}
+dask: {{}}                  # local cluster: one worker per GPU, else min(4, cores)
 """
     path = workdir / "config.yaml"
     path.write_text(config)
