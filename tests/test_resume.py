@@ -67,22 +67,21 @@ def run_and_kill(model, dataset, out, when_structures: int) -> int:
     )
     record = progress_path(out)
     deadline = time.monotonic() + 120
-    done = 0
     while time.monotonic() < deadline and process.poll() is None:
         if when_structures == 0 and partial_path(out).exists():
             break
         if record.exists():
             try:
-                done = json.loads(record.read_text())["n_structures"]
-            except (json.JSONDecodeError, KeyError):
-                done = 0
-            if done >= when_structures:
-                break
+                if json.loads(record.read_text())["n_structures"] >= when_structures:
+                    break
+            except (json.JSONDecodeError, KeyError, FileNotFoundError):
+                pass
         time.sleep(0.005)
     assert process.poll() is None, "the extraction finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    return done
+    # what is durable now (the process may have gone on between the last look and the kill)
+    return json.loads(record.read_text())["n_structures"] if record.exists() else 0
 
 
 @pytest.mark.slow
