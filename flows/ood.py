@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import nullcontext
 
@@ -10,6 +11,12 @@ from prefect import flow, unmapped
 from prefect.logging import get_run_logger
 from prefect_dask import DaskTaskRunner
 
+from mace_ood.cluster import (
+    check_cluster,
+    jobqueue_cluster_class,
+    jobqueue_kwargs,
+    worker_environment,
+)
 from mace_ood.config import DaskConfig, ExtractionSettings, RunConfig
 from mace_ood.models import resolve_device
 from mace_ood.pipeline import ExtractionJob, plan_run
@@ -31,30 +38,24 @@ def prefect_api_url() -> str | None:
     return server.api_url
 
 
-def worker_environment(n_workers: int, api_url: str | None) -> dict[str, str]:
-    """Environment of local Dask workers: the flow's Prefect API, and CPU threads split evenly."""
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
-    env = {
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning"),
-        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::UserWarning:e3nn.o3._wigner"),
-    }
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
 def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) -> tuple[DaskTaskRunner, bool]:
     """A DaskTaskRunner for extraction, and whether tasks must be annotated with a GPU resource.
 
     Local cluster: one single-threaded worker process per GPU (each declaring ``GPU=1``),
     or ``n_workers`` CPU workers. Workers are processes because netCDF4/HDF5 is not thread-safe.
     """
-    if dask_config.address:
-        return DaskTaskRunner(address=dask_config.address), False
     import torch
+
+    if dask_config.address:
+        return DaskTaskRunner(address=dask_config.address), resolve_device(device).startswith("cuda")
+    if dask_config.cluster != "local":
+        queue = dask_config.jobqueue
+        runner = DaskTaskRunner(
+            cluster_class=jobqueue_cluster_class(dask_config),
+            cluster_kwargs=jobqueue_kwargs(dask_config, api_url),
+            adapt_kwargs={"minimum_jobs": queue.min_jobs, "maximum_jobs": queue.max_jobs},
+        )
+        return runner, queue.gpus_per_job > 0
 
     n_gpus = torch.cuda.device_count() if resolve_device(device).startswith("cuda") else 0
     # CPU: single-threaded-ish workers scale better than torch threads on small graphs
@@ -70,6 +71,10 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     }
     if n_gpus:
         cluster_kwargs["resources"] = {"GPU": 1}
+        if n_gpus > 1 and importlib.util.find_spec("dask_cuda") is not None:
+            # dask-cuda pins one GPU per worker (CUDA_VISIBLE_DEVICES) and knows GPU topology
+            cluster_kwargs.pop("processes")  # LocalCUDACluster always runs worker processes
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster_kwargs), True
     return DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus)
 
 
@@ -104,7 +109,11 @@ def ood_detection(config: RunConfig) -> dict:
         len(plan.jobs), len(plan.evaluations),
         ", ".join(f"{name} ({len(files)} files)" for name, files in plan.files.items()),
     )
-    runner, gpu = make_task_runner(config.dask, config.device, prefect_api_url())
+    api_url = prefect_api_url()
+    runner, gpu = make_task_runner(config.dask, config.device, api_url)
+    if config.dask.address:
+        found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu)
+        logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"], found["gpu_workers"])
     extractions = extract_all.with_options(task_runner=runner)(
         plan.jobs, config.extraction_settings(), gpu, len(plan.jobs)
     )
@@ -123,7 +132,7 @@ def ood_detection(config: RunConfig) -> dict:
     ]
     result = write_report(config, plan.evaluations, score_files, skipped)
     result["extractions"] = [
-        {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "wall_s", "atoms_per_s", "reused")}
+        {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "wall_s", "atoms_per_s", "reused", "worker")}
         for r in extractions
     ]
     logger.info(

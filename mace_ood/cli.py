@@ -99,6 +99,7 @@ def run(
 
 def run_config(cfg) -> dict:
     """Run the Prefect flow on a validated config; bad input exits with a one-line error."""
+    from mace_ood.cluster import ClusterError
     from mace_ood.models import ModelError
     from mace_ood.pipeline import plan_run
     from mace_ood.scoring import ScoreError
@@ -112,7 +113,7 @@ def run_config(cfg) -> dict:
 
     try:
         return ood_detection(cfg)
-    except (InputError, ModelError, ScoreError) as exc:
+    except (InputError, ModelError, ScoreError, ClusterError) as exc:
         _fail(str(exc))
 
 

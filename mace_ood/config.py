@@ -96,7 +96,31 @@ class MetadataConfig(_Strict):
         return patterns
 
 
+class JobQueueConfig(_Strict):
+    """A batch-queue cluster (dask-jobqueue): each job starts `processes` Dask workers."""
+
+    queue: str | None = Field(None, description="Partition / queue.")
+    account: str | None = Field(None, description="Account / project to charge.")
+    walltime: str = Field("02:00:00", description="Walltime of each job.")
+    cores: int = Field(8, ge=1, description="Cores per job.")
+    memory: str = Field("32GB", description="Memory per job.")
+    processes: int = Field(1, ge=1, description="Dask workers per job (one per GPU with GPUs).")
+    gpus_per_job: int = Field(0, ge=0, description="GPUs per job; each worker then declares GPU=gpus/processes.")
+    job_script_prologue: list[str] = Field(
+        default_factory=list, description="Shell lines run before the workers start, e.g. `module load cuda`."
+    )
+    job_extra_directives: list[str] = Field(default_factory=list, description="Extra #SBATCH / #PBS lines.")
+    min_jobs: int = Field(0, ge=0, description="Adaptive scaling: fewest jobs.")
+    max_jobs: int = Field(4, ge=1, description="Adaptive scaling: most jobs.")
+    interface: str | None = Field(None, description="Network interface of the workers (e.g. ib0).")
+    log_directory: str | None = Field(None, description="Where the jobs' logs go.")
+
+
 class DaskConfig(_Strict):
+    cluster: Literal["local", "slurm", "pbs"] = Field(
+        "local", description="local: a cluster on this machine; slurm/pbs: dask-jobqueue (see `jobqueue`)."
+    )
+    jobqueue: JobQueueConfig | None = Field(None, description="Batch-queue settings for cluster slurm/pbs.")
     n_workers: int | None = Field(
         None, ge=1, description="Workers of the local cluster; default: one per GPU, else min(4, CPU cores)."
     )
@@ -108,6 +132,10 @@ class DaskConfig(_Strict):
     def _one_of(self) -> DaskConfig:
         if self.address and self.n_workers:
             raise ValueError("dask: give either `address` or `n_workers`, not both")
+        if self.address and self.cluster != "local":
+            raise ValueError("dask: give either `address` or `cluster`, not both")
+        if self.cluster != "local" and self.jobqueue is None:
+            self.jobqueue = JobQueueConfig()
         return self
 
 

@@ -61,4 +61,13 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> dict:
             job.name, summary.n_structures, summary.n_atoms, summary.wall_s, summary.atoms_per_s,
             summary.forward_passes, summary.smallest_batch, len(summary.skipped),
         )
-    return {**summary.as_dict(), "family": job.family, "seed": job.seed, "dataset": job.dataset}
+    return {**summary.as_dict(), "family": job.family, "seed": job.seed, "dataset": job.dataset, "worker": _worker_name()}
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return "local"

@@ -1,0 +1,149 @@
+"""Dask clusters beyond one machine: batch-queue (SLURM/PBS) clusters and checks of an
+existing cluster before any work is sent to it. No Prefect here."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mace_ood.config import DaskConfig
+
+
+class ClusterError(RuntimeError):
+    """A cluster that cannot run this flow; the message says what to fix."""
+
+
+def jobqueue_kwargs(dask_config: DaskConfig, api_url: str | None) -> dict[str, Any]:
+    """Keyword arguments of a dask-jobqueue cluster (SLURMCluster / PBSCluster) from the config."""
+    queue = dask_config.jobqueue
+    if queue is None:
+        raise ClusterError(f"dask.cluster: {dask_config.cluster} needs a `dask.jobqueue` section")
+    prologue = list(queue.job_script_prologue)
+    env = worker_environment(queue.processes, api_url, queue.cores, inherit=False)
+    prologue += [f"export {k}={v}" for k, v in env.items()]
+    extra = list(queue.job_extra_directives)
+    worker_args: list[str] = []
+    if queue.gpus_per_job:
+        if dask_config.cluster == "slurm":
+            extra.append(f"--gres=gpu:{queue.gpus_per_job}")
+        worker_args += ["--resources", f"GPU={max(1, queue.gpus_per_job // queue.processes)}"]
+    # Dask sees one core per worker process (one task at a time: HDF5 is not thread-safe);
+    # the batch system books all of them for the model's threads.
+    kwargs: dict[str, Any] = {
+        "queue": queue.queue,
+        "account": queue.account,
+        "walltime": queue.walltime,
+        "cores": queue.processes,
+        "processes": queue.processes,
+        "memory": queue.memory,
+        "job_script_prologue": prologue,
+        "job_extra_directives": extra,
+        "worker_extra_args": worker_args,
+        "scheduler_options": {"dashboard_address": "127.0.0.1:0"},
+    }
+    if dask_config.cluster == "slurm":
+        kwargs["job_cpu"] = queue.cores
+    else:
+        gpus = f":ngpus={queue.gpus_per_job}" if queue.gpus_per_job else ""
+        kwargs["resource_spec"] = f"select=1:ncpus={queue.cores}:mem={queue.memory}{gpus}"
+    if queue.interface:
+        kwargs["interface"] = queue.interface
+    if queue.log_directory:
+        kwargs["log_directory"] = queue.log_directory
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def jobqueue_cluster_class(dask_config: DaskConfig) -> str:
+    return {"slurm": "dask_jobqueue.SLURMCluster", "pbs": "dask_jobqueue.PBSCluster"}[dask_config.cluster]
+
+
+def worker_environment(
+    n_workers: int, api_url: str | None, cores: int | None = None, inherit: bool = True
+) -> dict[str, str]:
+    """Environment of Dask workers: the flow's Prefect API, and the cores split evenly.
+
+    ``inherit``: this machine's OMP settings win (local workers); off for remote jobs.
+    """
+    threads = max(1, (cores or os.cpu_count() or 1) // max(1, n_workers))
+    local = os.environ if inherit else {}
+    env = {
+        "OMP_NUM_THREADS": local.get("OMP_NUM_THREADS", str(threads)),
+        "OMP_WAIT_POLICY": local.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning"),
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::UserWarning:e3nn.o3._wigner"),
+    }
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _probe(output_dir: str, token: str) -> dict[str, Any]:
+    """Runs on each worker: can it import mace-ood, which Prefect API, can it write the output."""
+    import importlib.util
+
+    probe = Path(output_dir) / f".worker-probe-{token}-{os.getpid()}"
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+        written = str(probe)
+    except OSError as exc:
+        written = f"error: {exc}"
+    return {
+        "mace_ood": importlib.util.find_spec("mace_ood") is not None,
+        "prefect_api_url": os.environ.get("PREFECT_API_URL"),
+        "written": written,
+    }
+
+
+def check_cluster(address: str, output_dir: str | Path, api_url: str | None, need_gpu: bool, timeout: float = 30) -> dict:
+    """Check an existing Dask cluster before sending work; raises ClusterError saying what is wrong.
+
+    Every worker must import mace_ood, talk to the same Prefect API as the flow and write to
+    ``output_dir`` in a place the flow's machine sees (shared storage); with ``need_gpu``,
+    some worker must declare a ``GPU`` resource (else the tasks would wait forever).
+    """
+    from distributed import Client
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        client = Client(address, timeout=timeout)
+    except OSError as exc:
+        raise ClusterError(f"dask.address {address}: cannot connect ({exc})") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while not client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = client.scheduler_info()["workers"]
+        if not workers:
+            raise ClusterError(f"dask.address {address}: the scheduler has no workers")
+        token = uuid.uuid4().hex[:8]
+        answers = client.run(_probe, str(output_dir), token)
+        for worker, answer in answers.items():
+            if not answer["mace_ood"]:
+                raise ClusterError(f"worker {worker}: cannot import mace_ood; install mace-ood in the workers' environment")
+            if api_url and answer["prefect_api_url"] != api_url:
+                raise ClusterError(
+                    f"worker {worker}: PREFECT_API_URL is {answer['prefect_api_url']!r}, the flow uses {api_url!r}; "
+                    "start the workers with the same PREFECT_API_URL"
+                )
+            written = answer["written"]
+            if written.startswith("error") or not Path(written).is_file():
+                raise ClusterError(
+                    f"worker {worker}: cannot write to {output_dir} where this process sees it ({written}); "
+                    "output_dir must be on storage shared by the flow and every worker"
+                )
+            Path(written).unlink(missing_ok=True)
+        gpu_workers = [w for w, info in workers.items() if info.get("resources", {}).get("GPU", 0) >= 1]
+        if need_gpu and not gpu_workers:
+            raise ClusterError(
+                f"dask.address {address}: no worker declares a GPU resource, so GPU tasks would wait forever; "
+                "start workers with `--resources GPU=1` (one per GPU) or use device: cpu"
+            )
+        return {"workers": len(workers), "gpu_workers": len(gpu_workers)}
+    finally:
+        client.close()

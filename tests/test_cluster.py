@@ -1,0 +1,188 @@
+"""Beyond one machine: an existing Dask cluster (real scheduler and worker processes), and
+batch-queue job scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from mace_ood.cluster import ClusterError, check_cluster, jobqueue_kwargs
+from mace_ood.config import DaskConfig, load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_slurm_job_script_with_gpus():
+    from dask_jobqueue import SLURMCluster
+
+    config = DaskConfig(cluster="slurm", jobqueue={
+        "queue": "gpu", "account": "proj42", "walltime": "04:00:00", "cores": 32, "memory": "240GB",
+        "processes": 4, "gpus_per_job": 4, "job_script_prologue": ["module load cuda/12.4", "source ~/venvs/ood/bin/activate"],
+    })
+    kwargs = jobqueue_kwargs(config, "http://10.0.0.5:4200/api")
+    kwargs["scheduler_options"] = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+    with SLURMCluster(**kwargs) as cluster:
+        script = cluster.job_script()
+    for line in ["#SBATCH -p gpu", "#SBATCH -A proj42", "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:4",
+                 "module load cuda/12.4", "export PREFECT_API_URL=http://10.0.0.5:4200/api",
+                 "#SBATCH --cpus-per-task=32", "export OMP_NUM_THREADS=8", "--nworkers 4", "--nthreads 1",
+                 "--resources GPU=1"]:
+        assert line in script, f"{line!r} not in the job script:\n{script}"
+
+
+def test_pbs_job_script_books_cores_and_gpus():
+    from dask_jobqueue import PBSCluster
+
+    config = DaskConfig(cluster="pbs", jobqueue={"queue": "workq", "cores": 16, "memory": "64GB", "processes": 2, "gpus_per_job": 2})
+    kwargs = jobqueue_kwargs(config, None)
+    kwargs["scheduler_options"] = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+    with PBSCluster(**kwargs) as cluster:
+        script = cluster.job_script()
+    assert "#PBS -l select=1:ncpus=16:mem=64GB:ngpus=2" in script and "--nthreads 1" in script
+    assert "--resources GPU=1" in script and "export OMP_NUM_THREADS=8" in script
+
+
+def test_jobqueue_needs_no_address():
+    with pytest.raises(ValueError, match="either `address` or `cluster`"):
+        DaskConfig(cluster="slurm", address="tcp://x:1")
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(prefect_server):
+    """`dask scheduler` and two `dask worker` processes on 127.0.0.1 (one declares GPU=1)."""
+    from prefect.settings import PREFECT_API_URL
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1",
+           "DASK_LOGGING__DISTRIBUTED": "warning"}
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    processes = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+              "--dashboard-address", "127.0.0.1:0"]
+    processes.append(subprocess.Popen([*worker, "--name", "gpu-worker", "--resources", "GPU=1"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    processes.append(subprocess.Popen([*worker, "--name", "cpu-worker"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with Client(address, timeout=5) as client:
+                if len(client.scheduler_info()["workers"]) == 2:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    yield address, processes
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_flow_runs_on_an_existing_cluster_like_locally(dask_cluster, project, tmp_path):
+    from flows.ood import ood_detection
+
+    address, _ = dask_cluster
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "local")}))
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["dask"] = {"address": address}
+    config["output_dir"] = str(work / "remote")
+    (work / "remote.yaml").write_text(yaml.safe_dump(config))
+    remote = ood_detection(load_config(work / "remote.yaml"))
+    assert {e["worker"] for e in remote["extractions"]} == {"gpu-worker", "cpu-worker"}
+    a = pd.read_csv(work / "local" / "scores.csv").drop(columns=["source_file"])
+    b = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_cluster_checks_say_what_is_wrong(dask_cluster, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    address, _ = dask_cluster
+    found = check_cluster(address, tmp_path / "out", PREFECT_API_URL.value(), need_gpu=True)
+    assert found == {"workers": 2, "gpu_workers": 1}
+    with pytest.raises(ClusterError, match="PREFECT_API_URL is"):
+        check_cluster(address, tmp_path / "out", "http://127.0.0.1:1/api", need_gpu=False)
+    with pytest.raises(ClusterError, match="cannot connect"):
+        check_cluster(f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", None, need_gpu=False, timeout=2)
+
+
+def test_gpu_tasks_without_gpu_workers_are_refused(tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(ClusterError, match="no worker declares a GPU resource"):
+            check_cluster(cluster.scheduler_address, tmp_path, None, need_gpu=True)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_does_not_change_the_result(prefect_server, project, tmp_path):
+    """Dask reschedules the killed worker's task; its extraction resumes from the disk."""
+    import ase.io
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.ood import ood_detection
+    from mace_ood.testing import random_structures
+
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(120, seed=8, sizes=(2,)))
+    reference = ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "local")}))
+    assert reference
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+              "--dashboard-address", "127.0.0.1:0", "--no-nanny"]
+    survivor = subprocess.Popen([*worker, "--name", "survivor"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen([*worker, "--name", "victim"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        config = yaml.safe_load((work / "config.yaml").read_text())
+        config["dask"] = {"address": address}
+        config["output_dir"] = str(work / "remote")
+        (work / "remote.yaml").write_text(yaml.safe_dump(config))
+        import threading
+
+        def kill_when_working() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if list((work / "remote" / "latents").rglob("*.progress.json")):
+                    victim.kill()
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_when_working, daemon=True)
+        killer.start()
+        result = ood_detection(load_config(work / "remote.yaml"))
+        killer.join(timeout=1)
+        assert victim.poll() is not None  # it was killed during the run
+        assert result["summary"]
+        a = pd.read_csv(work / "local" / "scores.csv").drop(columns=["source_file"])
+        b = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
+        pd.testing.assert_frame_equal(a, b)
+    finally:
+        for process in (victim, survivor, scheduler):
+            process.kill()
+            process.wait()
