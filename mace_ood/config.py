@@ -6,6 +6,7 @@ config can travel with its data.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -270,12 +271,13 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def _resolve(path_or_glob: str, base_dir: Path) -> str:
-    path = Path(path_or_glob).expanduser()
+    path = Path(os.path.expandvars(path_or_glob)).expanduser()
     return str(path if path.is_absolute() else base_dir / path)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config; relative paths are taken from the config file's folder.
+    """Read a YAML config; ``$VARS`` and ``~`` in paths are expanded, relative paths are taken
+    from the config file's folder.
 
     Parameters
     ----------

@@ -76,6 +76,13 @@ def test_yaml_paths_are_relative_to_the_file(tmp_path):
     assert config.batch_size == 2 and config.device == "auto"
 
 
+def test_environment_variables_in_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("OOD_SCRATCH", str(tmp_path / "scratch"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output_dir": "$OOD_SCRATCH/run"}))
+    assert load_config(path).output_dir == tmp_path / "scratch" / "run"
+
+
 def test_unreadable_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("datasets: [unclosed")
