@@ -145,6 +145,18 @@ def test_run_end_to_end(finished_run):
     assert "Fe" in iron.reason.iloc[0]
     assert book["skipped"].max_row == len(skipped) + 1
 
+    # the Prefect UI gets a top-K table per evaluation and a markdown summary
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["top-mace-t1-t2"])))
+        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mace-ood-summary"])))
+    assert tables and tables[0].type == "table"
+    rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
+    assert [r["structure_id"] for r in rows] == list(t1_on_t2.sort_values("rank").structure_id[:2])
+    assert summaries and "MACE_T1 on T2" in summaries[0].data
+
     # a second run reuses every latent file (no forward pass) and gives the same scores
     again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
     assert again.exit_code == 0, again.output
