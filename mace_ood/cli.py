@@ -27,6 +27,7 @@ DefaultDtype = Annotated[
 ]
 BatchSize = Annotated[int | None, typer.Option("--batch_size", "--batch-size", help="Structures per forward pass.")]
 TopK = Annotated[int | None, typer.Option("--top-k", "--top_k", help="Structures selected per evaluation.")]
+Refresh = Annotated[bool, typer.Option("--refresh", help="Recompute all latents (no reuse, resume or copies).")]
 
 
 def _fail(message: str) -> None:
@@ -88,9 +89,12 @@ def run(
     default_dtype: DefaultDtype = None,
     batch_size: BatchSize = None,
     top_k: TopK = None,
+    refresh: Refresh = False,
 ) -> None:
     """Extract latents, score, select the top structures and write the reports."""
     cfg = _load(config, output_dir, device, default_dtype, batch_size, top_k)
+    if refresh:
+        cfg = cfg.model_copy(update={"refresh": True})
     result = run_config(cfg)
     from mace_ood.pipeline import format_summary
 

@@ -160,6 +160,9 @@ class ExtractionSettings(_Strict):
         description="Also store each seed's forces and energies (same forward pass, needs autograd: "
         "about 2-3x slower); enables the force_deviation scores and `mace-ood evaluate` errors.",
     )
+    refresh: bool = Field(
+        False, description="Recompute every latent file: no reuse of finished files, no resume, no copies."
+    )
     chunk_atoms: int = Field(16384, ge=64, description="netCDF chunk length along atoms.")
     compression: Literal["zstd", "zlib", "none"] = Field(
         "zstd",

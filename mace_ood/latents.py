@@ -414,7 +414,7 @@ def extract_to_netcdf(
     """
     out_path = Path(out_path)
     started = time.perf_counter()
-    settings_json = settings.model_dump_json(exclude={"device"})
+    settings_json = settings.model_dump_json(exclude={"device", "refresh"})
     model_sha = sha256_of(model_path)
     key = {
         "model_sha256": model_sha,
@@ -423,7 +423,9 @@ def extract_to_netcdf(
         "format_version": FORMAT_VERSION,
     }
     previous_file = None
-    if out_path.is_file():
+    if settings.refresh:
+        progress_path(out_path).unlink(missing_ok=True)
+    elif out_path.is_file():
         existing = read_attrs(out_path)
         if all(existing.get(k) == v for k, v in key.items()):
             return ExtractionSummary(

@@ -118,6 +118,10 @@ def test_only_changed_structures_are_recomputed(tiny_models, tmp_path):
     fresh = tmp_path / "fresh" / "seed-0.nc"
     extract_to_netcdf(tiny_models["T1"][0], [str(data)], fresh, SETTINGS)
     assert_same(latents_of(out), latents_of(fresh))
+    # --refresh recomputes everything, and gives the same latents
+    refreshed = extract_to_netcdf(tiny_models["T1"][0], [str(data)], out, SETTINGS.model_copy(update={"refresh": True}))
+    assert not refreshed.reused and refreshed.computed_structures == 23 and refreshed.copied_structures == 0
+    assert_same(latents_of(out), latents_of(fresh))
     # another model: nothing can be copied
     other = extract_to_netcdf(tiny_models["T1"][1], [str(data)], out, SETTINGS)
     assert other.computed_structures == 23 and other.copied_structures == 0
