@@ -1,6 +1,5 @@
 """The OOD detection flow: plan -> extract (Dask) -> score -> report."""
 
-from __future__ import annotations
 
 import importlib.util
 import os
@@ -140,3 +139,16 @@ def ood_detection(config: RunConfig) -> dict:
         result["paths"]["report_xlsx"], result["paths"]["scores_csv"],
     )
     return result
+
+
+@flow(name="mace-ood-rescore", flow_run_name="rescore {config_path}")
+def rescore_from_file(config_path: str, refresh: bool = False) -> dict:
+    """Score again from a config file (for schedules): latents already on disk for the same
+    models, settings and structure contents are reused, so only new structures or new seeds
+    are extracted; scores, selection and reports are recomputed from the store."""
+    from mace_ood.config import load_config
+
+    config = load_config(config_path)
+    if refresh:
+        config = config.model_copy(update={"refresh": True})
+    return ood_detection(config)

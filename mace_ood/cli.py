@@ -122,6 +122,25 @@ def run_config(cfg) -> dict:
 
 
 @app.command()
+def serve(
+    config: ConfigArg,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "ood-detection",
+    cron: Annotated[str | None, typer.Option(help='Schedule, e.g. "0 3 * * *" for 03:00 daily.')] = None,
+) -> None:
+    """Serve the flow as a Prefect deployment with this config as its default parameters
+    (no work pool needed); runs start from the UI, the API or the schedule."""
+    cfg = _load(config, None, None, None, None, None)
+    from prefect.settings import get_current_settings
+
+    from flows.ood import ood_detection
+
+    if not get_current_settings().api.url:
+        typer.secho("warning: PREFECT_API_URL is not set: serving on a temporary server that no UI sees",
+                    fg=typer.colors.YELLOW, err=True)
+    ood_detection.serve(name=name, parameters={"config": cfg.model_dump(mode="json")}, cron=cron)
+
+
+@app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's output_dir.", show_default=False)],
     n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,

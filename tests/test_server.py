@@ -1,0 +1,135 @@
+"""The real thing: a `prefect server` on 127.0.0.1, the flow served as a deployment, a run
+triggered through the API, and the UI rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` with its own PREFECT_HOME on a free loopback port."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")  # what the browser calls
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("prefect server did not start within 90 s")
+    yield url, env
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def served_run(server, project, tmp_path_factory):
+    """`mace-ood serve` registers the deployment; a run is triggered through the API with
+    parameters (top_k changed) and waited for."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, env = server
+    work = tmp_path_factory.mktemp("served") / "p"
+    shutil.copytree(project.parent, work)
+    env = {**env, "PREFECT_API_URL": f"{url}/api"}
+    serve = subprocess.Popen([sys.executable, "-m", "mace_ood.cli", "serve", str(work / "config.yaml"), "--name", "it"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 120
+                deployment = None
+                while deployment is None and time.monotonic() < deadline:
+                    try:
+                        deployment = client.read_deployment_by_name("mace-ood/it")
+                    except Exception:  # noqa: BLE001 - not registered yet
+                        time.sleep(1)
+                assert deployment is not None, "the served deployment never appeared"
+                parameters = dict(deployment.parameters)
+                parameters["config"] = {**parameters["config"], "select": {**parameters["config"]["select"], "top_k": 2}}
+                flow_run = run_deployment("mace-ood/it", parameters=parameters, timeout=400, poll_interval=2)
+                task_runs = client.read_task_runs()
+                artifacts = client.read_artifacts()
+        yield url, work, flow_run, task_runs, artifacts
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+
+
+@pytest.mark.slow
+def test_triggered_deployment_completes_with_artifacts(served_run):
+    _, work, flow_run, task_runs, artifacts = served_run
+    assert flow_run.state.is_completed(), flow_run.state
+    keys = {a.key for a in artifacts}
+    assert {"mace-ood-summary", "top-mace-t1-t2", "top-mace-t2-t1"} <= keys
+    top = next(a for a in artifacts if a.key == "top-mace-t1-t2")
+    data = top.data if isinstance(top.data, list) else yaml.safe_load(top.data)
+    assert len(data) == 2  # the triggered parameters (top_k 2) were used
+    assert (work / "run" / "report.xlsx").is_file()
+
+
+@pytest.mark.slow
+def test_task_runs_from_dask_workers_reach_the_same_server(served_run):
+    _, _, _, task_runs, _ = served_run
+    extraction = [t for t in task_runs if t.name.startswith("extract ")]
+    assert len(extraction) == 12  # 2 families x 2 datasets x 3 seeds, run on Dask worker processes
+    assert all(t.state.is_completed() for t in extraction)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_ui_renders_the_top_k_table(served_run, tmp_path):
+    url, _, flow_run, _, artifacts = served_run
+    top = next(a for a in artifacts if a.key == "top-mace-t1-t2")
+    data = top.data if isinstance(top.data, list) else yaml.safe_load(top.data)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=20000", "--window-size=1400,1000"]
+    page = f"{url}/artifacts/artifact/{top.id}"
+    shot = tmp_path / "artifact.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    print(f"screenshot: {shot}")
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert data[0]["structure_id"] in dom, "the top-K table is not rendered on the artifact page"
+    run_page = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"{url}/runs/flow-run/{flow_run.id}"],
+                              capture_output=True, text=True, timeout=120).stdout
+    assert flow_run.name in run_page
+    assert shot.is_file() and shot.stat().st_size > 10_000
