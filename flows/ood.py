@@ -131,7 +131,8 @@ def ood_detection(config: RunConfig) -> dict:
     ]
     result = write_report(config, plan.evaluations, score_files, skipped)
     result["extractions"] = [
-        {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "wall_s", "atoms_per_s", "reused", "worker")}
+        {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "computed_structures",
+                           "copied_structures", "wall_s", "atoms_per_s", "reused", "worker")}
         for r in extractions
     ]
     logger.info(

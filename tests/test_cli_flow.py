@@ -211,3 +211,27 @@ def test_config_labels_override_the_natural_ones(finished_run, tmp_path):
     a = natural[natural.family == "MACE_T1"].set_index("score")["value"]
     b = flipped[flipped.family == "MACE_T1"].set_index("score")["value"]
     np.testing.assert_allclose(a + b, 1.0)
+
+
+@pytest.mark.slow
+def test_rescoring_extracts_only_new_structures(finished_run, tmp_path):
+    import ase.io
+
+    from flows.ood import rescore_from_file
+    from mace_ood.testing import random_structures
+
+    work, result = finished_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "p"
+    shutil.copytree(work, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["output_dir"] = str(copy / "run")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    data = copy / "data" / "T2" / "slab_CuAl_T600K.xyz"
+    ase.io.write(data, ase.io.read(data, ":") + random_structures(3, seed=77))
+    outcome = rescore_from_file(str(copy / "config.yaml"))
+    on_t2 = [e for e in outcome["extractions"] if e["dataset"] == "T2"]
+    assert len(on_t2) == 6 and all(e["computed_structures"] == 3 for e in on_t2)
+    assert all(e["reused"] for e in outcome["extractions"] if e["dataset"] == "T1")
+    scores = pd.read_csv(copy / "run" / "scores.csv")
+    assert len(scores[(scores.family == "MACE_T1") & (scores.dataset == "T2")]) == 8
