@@ -57,9 +57,11 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> dict:
         logger.info("%s: reusing %s (same model, inputs and settings)", job.name, job.out_path)
     else:
         logger.info(
-            "%s: %d structures, %d atoms in %.1f s (%.0f atoms/s, %d forward passes, smallest batch %d, %d skipped)",
-            job.name, summary.n_structures, summary.n_atoms, summary.wall_s, summary.atoms_per_s,
-            summary.forward_passes, summary.smallest_batch, len(summary.skipped),
+            "%s: %d structures (%d computed, %d copied from earlier latents, %d resumed), %d atoms in %.1f s "
+            "(%.0f atoms/s, %d forward passes, smallest batch %d, %d split into domains, %d skipped)",
+            job.name, summary.n_structures, summary.computed_structures, summary.copied_structures,
+            summary.resumed_structures, summary.n_atoms, summary.wall_s, summary.atoms_per_s,
+            summary.forward_passes, summary.smallest_batch, summary.split_structures, len(summary.skipped),
         )
     return {**summary.as_dict(), "family": job.family, "seed": job.seed, "dataset": job.dataset, "worker": _worker_name()}
 
