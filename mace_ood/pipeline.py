@@ -28,7 +28,7 @@ from mace_ood.report import (
 )
 from mace_ood.scores import ALL_SCORES, compute_scores, percentile_against
 from mace_ood.scoring import open_latents
-from mace_ood.structures import InputError, resolve_files
+from mace_ood.structures import InputError, count_structures, resolve_files
 from mace_ood.visual import plot_latent_pca, write_chemiscope
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class ExtractionJob:
     dataset: str
     files: tuple[str, ...]
     out_path: str
+    n_structures: int = 0  # expected, for progress
 
     @property
     def name(self) -> str:
@@ -115,8 +116,10 @@ def plan_run(config: RunConfig) -> RunPlan:
         if not any(f == family and d == own for f, d, _, _ in pairs):
             pairs.append((family, own, True, False))
     plan = RunPlan()
+    counts = {}
     for dataset in dict.fromkeys(dataset for _, dataset, _, _ in pairs):
         plan.files[dataset] = resolve_files(config.datasets[dataset], dataset)
+        counts[dataset] = count_structures(plan.files[dataset])
     for family in dict.fromkeys(family for family, _, _, _ in pairs):
         paths = resolve_models(family, config.model_families[family].models)
         infos = [describe_model(p, config.layers) for p in paths]
@@ -127,7 +130,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         for seed, info in enumerate(plan.models[family]):
             out = latent_path(output_dir, family, dataset, seed)
             plan.jobs.append(
-                ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out))
+                ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset])
             )
             outputs.append(str(out))
         plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown))

@@ -112,6 +112,28 @@ def iter_structures(
             on_error(StructureRef(where, path, n_read), str(exc).removeprefix(f"{path}: "))
 
 
+def count_structures(files: list[str]) -> int:
+    """How many frames the files hold (for progress bars): XYZ files by skipping lines, other
+    formats through ASE. Unreadable files count 0 (extraction reports them)."""
+    total = 0
+    for path in files:
+        try:
+            if path.endswith((".xyz", ".extxyz")):
+                with open(path, "rb") as handle:
+                    for line in handle:
+                        if not line.strip():
+                            continue
+                        n = int(line.split()[0])
+                        for _ in range(n + 1):
+                            next(handle)
+                        total += 1
+            else:
+                total += sum(1 for _ in ase.io.iread(path, index=":", do_not_split_by_at_sign=True))
+        except Exception:  # noqa: BLE001 - a count is only an estimate
+            continue
+    return total
+
+
 def read_structures(refs: list[tuple[str, int]]) -> list[Atoms]:
     """Read many (source_file, frame_index) frames back, each file read once, in the given order."""
     wanted: dict[str, dict[int, list[int]]] = {}

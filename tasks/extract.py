@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
@@ -14,6 +15,7 @@ from mace_ood.latents import extract_to_netcdf
 from mace_ood.models import worker_device
 from mace_ood.oom import is_out_of_memory
 from mace_ood.pipeline import ExtractionJob
+from tasks.score import artifact_key
 
 
 def retry_on_out_of_memory(task, task_run, state) -> bool:
@@ -43,16 +45,23 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> dict:
     if attempt > 1:
         logger.warning("retry %d after out-of-memory: batch size %d", attempt - 1, batch_size)
     last_log = [time.monotonic()]
+    artifact = create_progress_artifact(
+        0.0, key=artifact_key("extract", job.family, f"seed{job.seed}", job.dataset),
+        description=f"Latents of {job.family} seed {job.seed} on {job.dataset} ({job.n_structures} structures)",
+    )
 
     def progress(n_structures: int, n_atoms: int) -> None:
-        if time.monotonic() - last_log[0] > 10:
+        if time.monotonic() - last_log[0] > 5:
             last_log[0] = time.monotonic()
             logger.info("%s: %d structures, %d atoms done", job.name, n_structures, n_atoms)
+            if job.n_structures:
+                update_progress_artifact(artifact, min(99.0, 100.0 * n_structures / job.n_structures))
 
     summary = extract_to_netcdf(
         job.model_path, list(job.files), job.out_path,
         settings.model_copy(update={"device": device}), batch_size=batch_size, progress=progress,
     )
+    update_progress_artifact(artifact, 100.0)
     if summary.reused:
         logger.info("%s: reusing %s (same model, inputs and settings)", job.name, job.out_path)
     else:

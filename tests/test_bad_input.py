@@ -56,6 +56,14 @@ def test_each_bad_structure_is_skipped_with_its_reason(tiny_models, messy, tmp_p
     assert summary.n_structures == 8
 
 
+def test_count_structures(messy):
+    from mace_ood.structures import count_structures
+
+    by_name = {p.rsplit("/", 1)[1]: p for p in messy}
+    assert count_structures([by_name["good.xyz"], by_name["good.cif"], by_name["x.xyz"]]) == 3 + 1 + 2
+    assert count_structures([by_name["corrupt.xyz"], by_name["empty.xyz"]]) == 0
+
+
 def test_iter_structures_raises_without_a_handler(messy):
     corrupt = [p for p in messy if p.endswith("corrupt.xyz")]
     with pytest.raises(InputError, match="corrupt.xyz: cannot be read"):

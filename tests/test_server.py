@@ -100,6 +100,8 @@ def test_triggered_deployment_completes_with_artifacts(served_run):
     assert flow_run.state.is_completed(), flow_run.state
     keys = {a.key for a in artifacts}
     assert {"mace-ood-summary", "top-mace-t1-t2", "top-mace-t2-t1"} <= keys
+    progress = [a for a in artifacts if a.key == "extract-mace-t1-seed0-t2"]
+    assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
     top = next(a for a in artifacts if a.key == "top-mace-t1-t2")
     data = top.data if isinstance(top.data, list) else yaml.safe_load(top.data)
     assert len(data) == 2  # the triggered parameters (top_k 2) were used
