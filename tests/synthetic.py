@@ -60,3 +60,12 @@ def synthetic_latent_files(
                 start += size
         paths.append(path)
     return paths, latents, list(sizes)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,7 @@ import yaml
 
 from mace_ood.cluster import ClusterError, check_cluster, jobqueue_kwargs
 from mace_ood.config import DaskConfig, load_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.synthetic import free_port
 
 
 def test_slurm_job_script_with_gpus():
