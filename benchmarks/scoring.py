@@ -5,7 +5,7 @@
 Writes S seed files of N atoms x F float32 latents (structures of 32 atoms), then times,
 each in a fresh process with its peak RSS:
 
-- ``xarray lazy``: mace-ood's scoring (``open_latents`` + ``latent_variance_scores``);
+- ``xarray lazy``: mace-ood's scoring (``open_latents`` + ``compute_scores``);
 - ``netCDF4 loop``: a plain read loop over chunk-sized slabs of every seed file;
 - ``numpy in RAM``: everything loaded, then one ``var`` (only where it fits).
 
@@ -45,10 +45,11 @@ def write_files(directory: Path, n_atoms: int, seeds: int, features: int, chunk:
 
 
 def method_lazy(directory: Path, chunk: int) -> np.ndarray:
-    from mace_ood.scoring import latent_variance_scores, open_latents
+    from mace_ood.scores import compute_scores
+    from mace_ood.scoring import open_latents
 
     with open_latents(sorted(directory.glob("seed-*.nc")), chunk_atoms=chunk) as ds:
-        return latent_variance_scores(ds)["latent_variance"].values
+        return compute_scores(ds, None)["latent_variance"].values
 
 
 def method_loop(directory: Path, chunk: int) -> np.ndarray:

@@ -64,7 +64,7 @@ def validate(
 
     cfg = _load(config, output_dir, device, default_dtype, batch_size, None)
     try:
-        plan = plan_run(cfg)
+        plan = plan_run(cfg, count=False)
     except (InputError, ModelError) as exc:
         _fail(str(exc))
     for dataset, files in plan.files.items():
@@ -110,7 +110,7 @@ def run_config(cfg) -> dict:
     from mace_ood.structures import InputError
 
     try:
-        plan_run(cfg)  # fail fast, before any Prefect or Dask start-up
+        plan_run(cfg, count=False)  # fail fast, before any Prefect or Dask start-up
     except (InputError, ModelError) as exc:
         _fail(str(exc))
     from flows.ood import ood_detection

@@ -102,10 +102,11 @@ def check_output_dir(output_dir: Path) -> None:
         raise InputError(f"{output_dir}: output directory is not writable ({exc.strerror})") from None
 
 
-def plan_run(config: RunConfig) -> RunPlan:
+def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
     """Resolve globs, check every model family and the output folder, list the jobs.
 
-    Everything that would stop the run is found here, before any extraction.
+    Everything that would stop the run is found here, before any extraction. ``count``:
+    also count the structures of each dataset (for progress reports).
     """
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir)
@@ -119,7 +120,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     counts = {}
     for dataset in dict.fromkeys(dataset for _, dataset, _, _ in pairs):
         plan.files[dataset] = resolve_files(config.datasets[dataset], dataset)
-        counts[dataset] = count_structures(plan.files[dataset])
+        counts[dataset] = count_structures(plan.files[dataset]) if count else 0
     for family in dict.fromkeys(family for family, _, _, _ in pairs):
         paths = resolve_models(family, config.model_families[family].models)
         infos = [describe_model(p, config.layers) for p in paths]

@@ -102,18 +102,3 @@ def structure_mean(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.
     stops = starts + np.asarray(n_atoms, dtype=np.int64)
     sums = running[stops] - running[starts]
     return xr.DataArray(sums / np.asarray(n_atoms), dims=("structure",))
-
-
-def latent_variance_scores(ds: xr.Dataset) -> xr.Dataset:
-    """Lazy scores of one evaluation: ``atom_latent_variance(atom)``, ``latent_variance(structure)``."""
-    per_atom = atom_latent_variance(ds["latent"])
-    per_structure = structure_mean(per_atom, ds["atom_offset"].values, ds["n_atoms"].values)
-    out = xr.Dataset(
-        {"atom_latent_variance": per_atom, "latent_variance": per_structure},
-    )
-    for name in STRUCTURE_VARS:
-        out[name] = ds[name]
-    out["latent_variance"].attrs["long_name"] = (
-        "mean over atoms of the mean over features of the across-seed variance (ddof=0)"
-    )
-    return out

@@ -14,7 +14,8 @@ from mace_ood.report import (
     write_scores_netcdf,
     write_selected,
 )
-from mace_ood.scoring import latent_variance_scores, open_latents
+from mace_ood.scores import compute_scores
+from mace_ood.scoring import open_latents
 from tests.synthetic import synthetic_latent_files
 
 
@@ -44,7 +45,7 @@ def test_molecule_without_cell_gets_a_box_and_scores_travel(tmp_path):
     ase.io.write(source, molecule)
     paths, _, _ = synthetic_latent_files(tmp_path / "lat", sizes=(3,))
     with open_latents(paths) as latents:
-        scores = latent_variance_scores(latents)
+        scores = compute_scores(latents, None)
         scores["source_file"] = ("structure", np.array([str(source)]))
         scores["frame_index"] = ("structure", np.array([0]))
         scores_path = write_scores_netcdf(scores, tmp_path / "scores.nc")
