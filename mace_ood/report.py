@@ -104,6 +104,22 @@ def order_columns(frame: pd.DataFrame, score: str) -> pd.DataFrame:
     return frame[ordered + [c for c in frame.columns if c not in ordered]]
 
 
+def structure_atoms(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Atom rows of the given structures, concatenated in their order."""
+    return np.concatenate([np.arange(a, a + n) for a, n in zip(offsets, counts, strict=True)]).astype(np.int64)
+
+
+def per_atom_scores(ds: xr.Dataset, atom_index: np.ndarray) -> dict[str, np.ndarray]:
+    """Every per-atom score (``atom_<score>``) at the given atoms, read from disk for those only."""
+    order = np.argsort(atom_index, kind="stable")  # netCDF reads want increasing indices
+    back = np.argsort(order)
+    return {
+        name.removeprefix("atom_"): np.asarray(ds[name].isel(atom=atom_index[order]).values, dtype=float)[back]
+        for name in ds.data_vars
+        if name.startswith("atom_") and name != "atom_offset"
+    }
+
+
 def safe_name(text: str, limit: int = 80) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_")[:limit] or "structure"
 
@@ -126,13 +142,13 @@ def write_selected(
     per_atom_name = f"atom_{PER_ATOM_OF.get(score, score)}"
     with xr.open_dataset(scores_path, engine="netcdf4") as ds:
         offsets = pd.Series(ds["atom_offset"].values, index=ds["structure_id"].values.astype(str))
-        per_atom = {name.removeprefix("atom_"): ds[name].values for name in ds.data_vars if name.startswith("atom_")
-                    and name != "atom_offset"}
+        counts = selected["n_atoms"].to_numpy()
+        per_atom = per_atom_scores(ds, structure_atoms(offsets[selected["structure_id"]].to_numpy(), counts))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
         structures = read_structures(list(zip(selected["source_file"], selected["frame_index"], strict=True)))
-        for row, atoms in zip(selected.itertuples(), structures, strict=True):
-            start = int(offsets[row.structure_id])
+        for i, (row, atoms) in enumerate(zip(selected.itertuples(), structures, strict=True)):
             for name, values in per_atom.items():
-                atoms.arrays[f"MACE_OOD_{name}"] = np.asarray(values[start : start + int(row.n_atoms)], dtype=float)
+                atoms.arrays[f"MACE_OOD_{name}"] = values[bounds[i] : bounds[i + 1]]
             atom_scores = atoms.arrays.get(f"MACE_OOD_{per_atom_name.removeprefix('atom_')}")
             atoms.info[f"MACE_OOD_{score}"] = float(getattr(row, score))
             atoms.info["MACE_OOD_rank"] = int(row.rank)

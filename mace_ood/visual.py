@@ -9,7 +9,7 @@ import pandas as pd
 import xarray as xr
 
 from mace_ood.reference import sample_atoms
-from mace_ood.report import PER_ATOM_OF, atomic_path
+from mace_ood.report import PER_ATOM_OF, atomic_path, per_atom_scores, structure_atoms
 from mace_ood.scores import ALL_SCORES
 from mace_ood.structures import read_structures
 
@@ -83,20 +83,14 @@ def write_chemiscope(
 
     rows = table.nsmallest(max_structures, "rank").reset_index(drop=True)
     structures = read_structures(list(zip(rows["source_file"], rows["frame_index"], strict=True)))
+    counts = rows["n_atoms"].to_numpy()
     with xr.open_dataset(scores_file) as ds:
         offsets = pd.Series(ds["atom_offset"].values, index=ds["structure_id"].values.astype(str))
-        per_atom = {
-            name.removeprefix("atom_"): ds[name].values
-            for name in ds.data_vars
-            if name.startswith("atom_") and name != "atom_offset"
-        }
-    starts = offsets[rows["structure_id"]].to_numpy()
-    counts = rows["n_atoms"].to_numpy()
-    atom_index = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, counts, strict=True)])
-    with xr.open_dataset(latent_file) as ds:
-        latents = np.asarray(ds["latent"].values[np.sort(atom_index)], dtype=np.float64)
-    order = np.argsort(np.argsort(atom_index))  # back to the rows' order
-    latents = latents[order]
+        atom_index = structure_atoms(offsets[rows["structure_id"]].to_numpy(), counts)
+        per_atom = per_atom_scores(ds, atom_index)
+    order = np.argsort(atom_index, kind="stable")
+    with xr.open_dataset(latent_file) as ds:  # only the selected atoms' rows are read
+        latents = np.asarray(ds["latent"].isel(atom=atom_index[order]).values, dtype=np.float64)[np.argsort(order)]
     bounds = np.concatenate([[0], np.cumsum(counts)])
     mean_latent = np.stack([latents[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     center, axes = pca_basis(mean_latent)
@@ -112,7 +106,7 @@ def write_chemiscope(
         if f"{name}_percentile" in rows:
             properties[f"{name} percentile"] = {"target": "structure", "values": rows[f"{name}_percentile"].to_numpy(dtype=float)}
     for name, values in per_atom.items():
-        properties[f"atom {name}"] = {"target": "atom", "values": values[atom_index]}
+        properties[f"atom {name}"] = {"target": "atom", "values": values}
     environments = [(i, j, 3.5) for i, n in enumerate(counts) for j in range(int(n))]
     settings = {"map": {"x": {"property": "latent PC1"}, "y": {"property": "latent PC2"}, "color": {"property": score}}}
     family, dataset = rows["family"].iloc[0], rows["dataset"].iloc[0]
