@@ -41,6 +41,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check mace_ood flows tasks tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .prefect demo_work

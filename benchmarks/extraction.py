@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
 from mace_ood.config import ExtractionSettings  # noqa: E402
-from mace_ood.latents import LatentExtractor, extract_to_netcdf  # noqa: E402
+from mace_ood.extract.runner import LatentExtractor
+from mace_ood.extract.stream import extract_to_netcdf  # noqa: E402
 from mace_ood.testing import build_tiny_mace  # noqa: E402
 
 SIZES = {32: (2, 2, 2), 256: (4, 4, 4), 2048: (8, 8, 8)}

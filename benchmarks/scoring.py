@@ -30,7 +30,7 @@ ATOMS_PER_STRUCTURE = 32
 
 
 def write_files(directory: Path, n_atoms: int, seeds: int, features: int, chunk: int, compression: str) -> float:
-    from mace_ood.store import LatentWriter
+    from mace_ood.extract.store import LatentWriter
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((ATOMS_PER_STRUCTURE * 64, features)).astype(np.float32)
@@ -45,8 +45,8 @@ def write_files(directory: Path, n_atoms: int, seeds: int, features: int, chunk:
 
 
 def method_lazy(directory: Path, chunk: int) -> np.ndarray:
-    from mace_ood.scores import compute_scores
-    from mace_ood.scoring import open_latents
+    from mace_ood.score.compute import compute_scores
+    from mace_ood.score.latents import open_latents
 
     with open_latents(sorted(directory.glob("seed-*.nc")), chunk_atoms=chunk) as ds:
         return compute_scores(ds, None)["latent_variance"].values

@@ -17,10 +17,13 @@ from mace_ood.cluster import (
     worker_environment,
 )
 from mace_ood.config import DaskConfig, ExtractionSettings, RunConfig
-from mace_ood.models import resolve_device
-from mace_ood.pipeline import ExtractionJob, plan_run
+from mace_ood.extract.models import resolve_device
+from mace_ood.plan import plan_run
+from mace_ood.records import ExtractionJob, ExtractionResult, ReportResult
+from mace_ood.runtime import configure_process
 from tasks.extract import extract_latents
-from tasks.score import fit_reference_task, score_latents, write_report
+from tasks.report import write_report
+from tasks.score import fit_reference_task, score_latents
 
 
 def prefect_api_url() -> str | None:
@@ -78,7 +81,9 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
 
 
 @flow(name="extract-latents", flow_run_name="extract {n_jobs} jobs")
-def extract_all(jobs: list[ExtractionJob], settings: ExtractionSettings, gpu: bool, n_jobs: int) -> list[dict]:
+def extract_all(
+    jobs: list[ExtractionJob], settings: ExtractionSettings, gpu: bool, n_jobs: int
+) -> list[ExtractionResult]:
     """Map extraction over the Dask workers; every job runs even when another fails."""
     with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
         futures = extract_latents.map(jobs, settings=unmapped(settings))
@@ -99,8 +104,9 @@ def extract_all(jobs: list[ExtractionJob], settings: ExtractionSettings, gpu: bo
 
 
 @flow(name="mace-ood", flow_run_name="mace-ood {config.output_dir}")
-def ood_detection(config: RunConfig) -> dict:
+def ood_detection(config: RunConfig) -> ReportResult:
     """Score every evaluation of ``config`` and write the reports; returns paths and top rows."""
+    configure_process()
     logger = get_run_logger()
     plan = plan_run(config)
     logger.info(
@@ -143,7 +149,7 @@ def ood_detection(config: RunConfig) -> dict:
 
 
 @flow(name="mace-ood-rescore", flow_run_name="rescore {config_path}")
-def rescore_from_file(config_path: str, refresh: bool = False) -> dict:
+def rescore_from_file(config_path: str, refresh: bool = False) -> ReportResult:
     """Score again from a config file (for schedules): latents already on disk for the same
     models, settings and structure contents are reused, so only new structures or new seeds
     are extracted; scores, selection and reports are recomputed from the store."""

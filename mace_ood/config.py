@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,10 +49,14 @@ class Evaluation(_Strict):
     dataset: str = Field(description="Key of `datasets`.")
 
 
-ScoreName = Literal[
-    "latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll",
-    "force_deviation_max", "force_deviation_mean", "energy_std_per_atom",
-]
+# Every score, named once: mace_ood.score takes its lists from these.
+LatentScoreName = Literal["latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll"]
+ForceScoreName = Literal["force_deviation_max", "force_deviation_mean", "energy_std_per_atom"]
+ScoreName = Literal[LatentScoreName, ForceScoreName]
+Device = Literal["auto", "cpu", "cuda"]
+DefaultDtype = Literal["float32", "float64"]
+Layers = Literal["last", "all"]
+Compression = Literal["zstd", "zlib", "none"]
 
 
 class SelectConfig(_Strict):
@@ -143,15 +147,15 @@ class DaskConfig(_Strict):
 class ExtractionSettings(_Strict):
     """What changes the latents (or how they are stored); recorded in every latent file."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-    default_dtype: Literal["float32", "float64"] = Field(
+    device: Device = Field("auto", description="auto = cuda when available.")
+    default_dtype: DefaultDtype = Field(
         "float64", description="dtype the models are run in (always explicit)."
     )
     batch_size: int = Field(16, ge=1, description="Maximum structures per forward pass.")
     max_atoms_per_batch: int = Field(
         4096, ge=1, description="Atom budget of one forward pass; a larger structure runs alone."
     )
-    layers: Literal["last", "all"] = Field(
+    layers: Layers = Field(
         "last",
         description="`last`: the invariants the readout sees (last layer); `all`: every layer's invariants.",
     )
@@ -164,7 +168,7 @@ class ExtractionSettings(_Strict):
         False, description="Recompute every latent file: no reuse of finished files, no resume, no copies."
     )
     chunk_atoms: int = Field(16384, ge=64, description="netCDF chunk length along atoms.")
-    compression: Literal["zstd", "zlib", "none"] = Field(
+    compression: Compression = Field(
         "zstd",
         description="netCDF compression of latents; zstd wrote 7x faster than zlib for 7% larger files "
         "(benchmarks/scoring.py). netCDF4/xarray read it as is; h5py needs hdf5plugin.",
@@ -209,7 +213,7 @@ class RunConfig(ExtractionSettings):
 
     @model_validator(mode="after")
     def _forces_for_force_scores(self) -> RunConfig:
-        if self.select.score in ("force_deviation_max", "force_deviation_mean", "energy_std_per_atom") and not self.forces:
+        if self.select.score in get_args(ForceScoreName) and not self.forces:
             raise ValueError(f"select.score: {self.select.score} needs `forces: true`")
         return self
 

@@ -28,6 +28,8 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from mace_ood.files import atomic_path
+
 N_SEEDS = 4
 FRAMES_PER_TRAJECTORY = 30
 STEPS_BETWEEN_FRAMES = 10
@@ -130,9 +132,8 @@ def train_model(train_file: Path, seed: int, out_path: Path, log_path: Path) -> 
         model = Path(work) / f"{name}.model"
         if result.returncode != 0 or not model.is_file():
             raise RuntimeError(f"mace_run_train failed for {train_file.name} seed {seed}; see {log_path}")
-        tmp = out_path.with_name(out_path.name + ".partial")
-        shutil.copyfile(model, tmp)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            shutil.copyfile(model, tmp)
     return out_path
 
 

@@ -23,8 +23,9 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import rankdata
 
-from mace_ood.report import atomic_path, evaluation_table
-from mace_ood.scores import ALL_SCORES
+from mace_ood.files import pyplot, save_figure
+from mace_ood.report.tables import evaluation_table
+from mace_ood.score.compute import ALL_SCORES
 from mace_ood.structures import read_structures
 
 
@@ -139,11 +140,7 @@ def evaluate_run(
 
 
 def plot_evaluation(table: pd.DataFrame, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = list(dict.fromkeys(table["metric"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -161,7 +158,4 @@ def plot_evaluation(table: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(metric, fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

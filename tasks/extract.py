@@ -11,11 +11,12 @@ from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.latents import extract_to_netcdf
-from mace_ood.models import worker_device
-from mace_ood.oom import is_out_of_memory
-from mace_ood.pipeline import ExtractionJob
-from tasks.score import artifact_key
+from mace_ood.extract.models import worker_device
+from mace_ood.extract.oom import is_out_of_memory
+from mace_ood.extract.stream import extract_to_netcdf
+from mace_ood.records import ExtractionJob, ExtractionResult
+from mace_ood.runtime import configure_process
+from tasks.artifacts import artifact_key
 
 
 def retry_on_out_of_memory(task, task_run, state) -> bool:
@@ -36,8 +37,9 @@ def batch_size_for_attempt(batch_size: int, attempt: int) -> int:
     retry_condition_fn=retry_on_out_of_memory,
     cache_policy=NO_CACHE,
 )
-def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> dict:
+def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> ExtractionResult:
     """Stream one model's latents over one dataset to ``job.out_path``; returns a small summary."""
+    configure_process()
     logger = get_run_logger()
     attempt = task_run.run_count or 1
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)

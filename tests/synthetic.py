@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 from ase import Atoms
 
-from mace_ood.store import LatentWriter
+from mace_ood.extract.store import LatentWriter
 from mace_ood.testing import random_structures, save_tiny_family, write_dataset
 
 

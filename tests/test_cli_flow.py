@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from mace_ood.cli import app
 from mace_ood.config import DEFAULT_SCORE
-from mace_ood.latents import LatentExtractor
+from mace_ood.extract.runner import LatentExtractor
 from mace_ood.structures import iter_structures
 
 runner = CliRunner()
 
 
 def test_pinned_sha256_is_accepted(project, tmp_path):
-    from mace_ood.models import sha256_of
+    from mace_ood.extract.models import sha256_of
 
     config = yaml.safe_load(project.read_text())
     models = sorted((project.parent / "models").glob("T1_seed*.model"))

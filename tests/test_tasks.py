@@ -7,9 +7,9 @@ from prefect import flow
 
 import tasks.extract as extract_module
 from mace_ood.config import ExtractionSettings
-from mace_ood.latents import ExtractionSummary
-from mace_ood.oom import OutOfMemoryError, is_out_of_memory
-from mace_ood.pipeline import ExtractionJob
+from mace_ood.extract.oom import OutOfMemoryError, is_out_of_memory
+from mace_ood.extract.stream import ExtractionSummary
+from mace_ood.records import ExtractionJob
 
 JOB = ExtractionJob("F", 0, "m.model", "D", ("a.xyz",), "out/seed-0.nc")
 

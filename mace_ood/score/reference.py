@@ -2,7 +2,7 @@
 
 Fitted once per family on the latents of the family scoring its own training set (the
 in-distribution reference), on a random subsample of atoms, and saved beside the
-latents. Used by the reference-based scores in :mod:`mace_ood.scores`.
+latents. Used by the reference-based scores in :mod:`mace_ood.score.compute`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from mace_ood.files import atomic_path
 
 
 @dataclass
@@ -34,8 +36,6 @@ class FamilyReference:
     settings: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        from mace_ood.report import atomic_path
-
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             pickle.dump(self, handle)
         return Path(path)

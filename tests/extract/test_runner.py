@@ -6,9 +6,16 @@ import pytest
 from ase.build import bulk
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.latents import LatentExtractor, extract_to_netcdf
-from mace_ood.models import ModelError, check_family, describe_model, invariant_columns, load_model
-from mace_ood.store import read_structure_table
+from mace_ood.extract.models import (
+    ModelError,
+    check_family,
+    describe_model,
+    invariant_columns,
+    load_model,
+)
+from mace_ood.extract.runner import LatentExtractor
+from mace_ood.extract.store import read_structure_table
+from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.testing import random_structures
 
 

@@ -9,8 +9,9 @@ from ase import Atoms
 from ase.build import bulk
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.domains import decompose
-from mace_ood.latents import LatentExtractor, extract_to_netcdf
+from mace_ood.extract.domains import decompose
+from mace_ood.extract.runner import LatentExtractor
+from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.testing import random_structures, save_tiny_family
 
 

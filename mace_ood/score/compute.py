@@ -1,4 +1,9 @@
-"""All OOD scores of one evaluation, per atom and per structure, computed block by block.
+"""All OOD scores of one evaluation, per atom and per structure, lazily and block by block.
+
+The seed arrays are stacked to (seed, atom, feature) and reduced block by block along
+atoms (``map_blocks``), which streams the files in chunk-sized slabs; the per-structure
+mean is a difference of a running sum at the structure boundaries, so nothing of size
+(atoms x features) is ever held in memory.
 
 Per atom, for S seeds with latents z_s (F channels):
 
@@ -22,45 +27,27 @@ Per structure: the mean over its atoms of each per-atom score, except ``force_de
 
 from __future__ import annotations
 
+from typing import get_args
+
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-from mace_ood.reference import FamilyReference
-from mace_ood.scoring import atom_latent_variance, structure_mean
-from mace_ood.store import STRUCTURE_FIELDS
+from mace_ood.config import ForceScoreName, LatentScoreName
+from mace_ood.extract.store import STRUCTURE_FIELDS
+from mace_ood.score.kernels import (
+    force_deviation,
+    knn_mean_distance,
+    mahalanobis_distance,
+    seed_variance,
+    structure_max,
+)
+from mace_ood.score.reference import FamilyReference
 
-LATENT_SCORES = ("latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll")
-FORCE_SCORES = ("force_deviation_max", "force_deviation_mean", "energy_std_per_atom")
+LATENT_SCORES: tuple[str, ...] = get_args(LatentScoreName)
+FORCE_SCORES: tuple[str, ...] = get_args(ForceScoreName)
 ALL_SCORES = LATENT_SCORES + FORCE_SCORES
 REFERENCE_SCORES = ("aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll")
-
-
-def knn_mean_distance(
-    query: np.ndarray, reference: np.ndarray, k: int, query_chunk: int = 2048, reference_chunk: int = 8192
-) -> np.ndarray:
-    """Mean distance of each query row to its k nearest reference rows, exact, in bounded memory."""
-    k = min(k, len(reference))
-    query = np.asarray(query, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    reference_sq = np.einsum("ij,ij->i", reference, reference)
-    out = np.empty(len(query))
-    for q0 in range(0, len(query), query_chunk):
-        q = query[q0 : q0 + query_chunk]
-        q_sq = np.einsum("ij,ij->i", q, q)
-        best = np.full((len(q), k), np.inf)
-        for r0 in range(0, len(reference), reference_chunk):
-            r = reference[r0 : r0 + reference_chunk]
-            d2 = q_sq[:, None] + reference_sq[None, r0 : r0 + len(r)] - 2.0 * (q @ r.T)
-            candidates = np.concatenate([best, np.maximum(d2, 0.0)], axis=1)
-            best = np.partition(candidates, k - 1, axis=1)[:, :k]
-        out[q0 : q0 + len(q)] = np.sqrt(best).mean(axis=1)
-    return out
-
-
-def mahalanobis_distance(z: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    centred = z - mean
-    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, precision, centred), 0.0))
 
 
 def _reference_block(block: np.ndarray, reference: FamilyReference) -> np.ndarray:
@@ -68,7 +55,7 @@ def _reference_block(block: np.ndarray, reference: FamilyReference) -> np.ndarra
     block = np.asarray(block, dtype=np.float64)
     aligned = np.stack([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)])
     out = np.empty((4, block.shape[1]))
-    out[0] = aligned.var(axis=0).mean(axis=-1)
+    out[0] = seed_variance(aligned)
     out[1] = np.mean([mahalanobis_distance(z, r.mean, r.precision) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     out[2] = np.mean([knn_mean_distance(z, r.sample, reference.knn_k) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     if all(r.gmm is not None for r in reference.seeds):
@@ -78,22 +65,28 @@ def _reference_block(block: np.ndarray, reference: FamilyReference) -> np.ndarra
     return out
 
 
-def _force_deviation_block(block: np.ndarray) -> np.ndarray:
-    """(S, n, 3) forces -> (n,) sqrt(mean_s ||F_s - mean F||^2)."""
-    deviation = block - block.mean(axis=0, keepdims=True)
-    return np.sqrt((deviation**2).sum(axis=-1).mean(axis=0))
+def atom_latent_variance(latent: xr.DataArray) -> xr.DataArray:
+    """Per-atom mean over features of the across-seed variance, lazily (dims: atom)."""
+    data = latent.transpose("seed", "atom", "feature").data
+    data = data.rechunk({0: -1, 2: -1})
+    per_atom = da.map_blocks(seed_variance, data, drop_axis=(0, 2), dtype=np.float64)
+    return xr.DataArray(per_atom, dims=("atom",), name="atom_latent_variance")
 
 
-def structure_max(per_atom: np.ndarray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
-    if len(per_atom) == 0:
-        return np.zeros(len(n_atoms))
-    return np.maximum.reduceat(per_atom, np.asarray(atom_offset, dtype=np.int64))
+def structure_mean(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
+    """Mean of a per-atom array over each structure's contiguous atom range, lazily."""
+    values = per_atom.data
+    running = da.concatenate([da.zeros(1, dtype=values.dtype), da.cumsum(values)])
+    starts = np.asarray(atom_offset, dtype=np.int64)
+    stops = starts + np.asarray(n_atoms, dtype=np.int64)
+    sums = running[stops] - running[starts]
+    return xr.DataArray(sums / np.asarray(n_atoms), dims=("structure",))
 
 
 def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr.Dataset:
     """Lazy per-atom (``atom_<score>``) and per-structure scores of one evaluation.
 
-    ``latents`` comes from :func:`mace_ood.scoring.open_latents` (it may carry ``forces``).
+    ``latents`` comes from :func:`mace_ood.score.latents.open_latents` (it may carry ``forces``).
     Without a reference, only the reference-free scores are computed.
     """
     offsets = latents["atom_offset"].values
@@ -111,7 +104,7 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
     if "forces" in latents:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(
-            da.map_blocks(_force_deviation_block, forces, drop_axis=(0, 2), dtype=np.float64), dims=("atom",)
+            da.map_blocks(force_deviation, forces, drop_axis=(0, 2), dtype=np.float64), dims=("atom",)
         )
     for name, values in per_atom.items():
         out[f"atom_{name}"] = values
@@ -132,9 +125,3 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
     return out
 
 
-def percentile_against(values: np.ndarray, reference_values: np.ndarray) -> np.ndarray:
-    """Percent of the reference distribution at or below each value (NaN without a reference)."""
-    reference_values = np.sort(np.asarray(reference_values, dtype=float)[np.isfinite(reference_values)])
-    if reference_values.size == 0:
-        return np.full(len(values), np.nan)
-    return 100.0 * np.searchsorted(reference_values, values, side="right") / reference_values.size

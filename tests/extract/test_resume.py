@@ -15,15 +15,15 @@ import pytest
 import xarray as xr
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.latents import extract_to_netcdf, progress_path
-from mace_ood.store import partial_path
+from mace_ood.extract.stream import extract_to_netcdf
+from mace_ood.paths import partial_path, progress_path
 from mace_ood.testing import random_structures
 
 SETTINGS = ExtractionSettings(device="cpu", default_dtype="float64", batch_size=2, chunk_atoms=64)
 RUNNER = """
 import sys
 from mace_ood.config import ExtractionSettings
-from mace_ood.latents import extract_to_netcdf
+from mace_ood.extract.stream import extract_to_netcdf
 settings = ExtractionSettings.model_validate_json(sys.argv[4])
 extract_to_netcdf(sys.argv[1], [sys.argv[2]], sys.argv[3], settings)
 """

@@ -1,17 +1,31 @@
-"""`mace-ood` command line: run, validate, demo."""
+"""`mace-ood` command line: validate, run, serve, evaluate, demo."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+from mace_ood.cli.types import (
+    BatchSize,
+    CacheDir,
+    ConfigArg,
+    Cron,
+    DefaultDtypeOption,
+    DeploymentName,
+    DeviceOption,
+    ForcesKey,
+    NBootstrap,
+    OutputDir,
+    Refresh,
+    Retrain,
+    RunDirArg,
+    Score,
+    TopK,
+    Workdir,
+)
+from mace_ood.runtime import configure_process
 
 app = typer.Typer(
     add_completion=False,
@@ -19,15 +33,11 @@ app = typer.Typer(
     help="Find the structures a MACE model ensemble does not understand (out-of-distribution).",
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="YAML run configuration.", show_default=False)]
-OutputDir = Annotated[Path | None, typer.Option("--output-dir", "--output_dir", help="Override `output_dir`.")]
-Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (overrides the config).")]
-DefaultDtype = Annotated[
-    str | None, typer.Option("--default_dtype", "--default-dtype", help="float32 | float64 (overrides the config).")
-]
-BatchSize = Annotated[int | None, typer.Option("--batch_size", "--batch-size", help="Structures per forward pass.")]
-TopK = Annotated[int | None, typer.Option("--top-k", "--top_k", help="Structures selected per evaluation.")]
-Refresh = Annotated[bool, typer.Option("--refresh", help="Recompute all latents (no reuse, resume or copies).")]
+
+@app.callback()
+def _entry() -> None:
+    """Find the structures a MACE model ensemble does not understand (out-of-distribution)."""
+    configure_process()
 
 
 def _fail(message: str) -> None:
@@ -35,15 +45,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(config: Path, output_dir, device, default_dtype, batch_size, top_k):
-    from mace_ood.config import ConfigError, load_config
+def _load(config: Path, output_dir=None, device=None, default_dtype=None, batch_size=None, top_k=None, score=None):
+    from mace_ood.config import ConfigError, config_from_dict, load_config
 
     overrides = {"output_dir": str(output_dir) if output_dir else None, "device": device,
                  "default_dtype": default_dtype, "batch_size": batch_size}
     try:
         cfg = load_config(config, overrides)
-        if top_k is not None:
-            cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"top_k": top_k})})
+        select = {k: v for k, v in (("top_k", top_k), ("score", score)) if v is not None}
+        if select:  # validated again: a force score needs `forces: true`
+            data = cfg.model_dump(mode="json")
+            data["select"].update(select)
+            cfg = config_from_dict(data, source=str(config))
         return cfg
     except ConfigError as exc:
         _fail(str(exc))
@@ -53,13 +66,13 @@ def _load(config: Path, output_dir, device, default_dtype, batch_size, top_k):
 def validate(
     config: ConfigArg,
     output_dir: OutputDir = None,
-    device: Device = None,
-    default_dtype: DefaultDtype = None,
+    device: DeviceOption = None,
+    default_dtype: DefaultDtypeOption = None,
     batch_size: BatchSize = None,
 ) -> None:
     """Check a config: keys, files, models and families; print the plan, run nothing."""
-    from mace_ood.models import ModelError
-    from mace_ood.pipeline import plan_run
+    from mace_ood.extract.models import ModelError
+    from mace_ood.plan import plan_run
     from mace_ood.structures import InputError
 
     cfg = _load(config, output_dir, device, default_dtype, batch_size, None)
@@ -85,18 +98,19 @@ def validate(
 def run(
     config: ConfigArg,
     output_dir: OutputDir = None,
-    device: Device = None,
-    default_dtype: DefaultDtype = None,
+    device: DeviceOption = None,
+    default_dtype: DefaultDtypeOption = None,
     batch_size: BatchSize = None,
     top_k: TopK = None,
+    score: Score = None,
     refresh: Refresh = False,
 ) -> None:
     """Extract latents, score, select the top structures and write the reports."""
-    cfg = _load(config, output_dir, device, default_dtype, batch_size, top_k)
+    cfg = _load(config, output_dir, device, default_dtype, batch_size, top_k, score)
     if refresh:
         cfg = cfg.model_copy(update={"refresh": True})
     result = run_config(cfg)
-    from mace_ood.pipeline import format_summary
+    from mace_ood.report.build import format_summary
 
     typer.echo(format_summary(result))
 
@@ -104,9 +118,9 @@ def run(
 def run_config(cfg) -> dict:
     """Run the Prefect flow on a validated config; bad input exits with a one-line error."""
     from mace_ood.cluster import ClusterError
-    from mace_ood.models import ModelError
-    from mace_ood.pipeline import plan_run
-    from mace_ood.scoring import ScoreError
+    from mace_ood.extract.models import ModelError
+    from mace_ood.plan import plan_run
+    from mace_ood.score.latents import ScoreError
     from mace_ood.structures import InputError
 
     try:
@@ -124,12 +138,12 @@ def run_config(cfg) -> dict:
 @app.command()
 def serve(
     config: ConfigArg,
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "ood-detection",
-    cron: Annotated[str | None, typer.Option(help='Schedule, e.g. "0 3 * * *" for 03:00 daily.')] = None,
+    name: DeploymentName = "ood-detection",
+    cron: Cron = None,
 ) -> None:
     """Serve the flow as a Prefect deployment with this config as its default parameters
     (no work pool needed); runs start from the UI, the API or the schedule."""
-    cfg = _load(config, None, None, None, None, None)
+    cfg = _load(config)
     from prefect.settings import get_current_settings
 
     from flows.ood import ood_detection
@@ -142,13 +156,13 @@ def serve(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run's output_dir.", show_default=False)],
-    n_bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
-    forces_key: Annotated[str, typer.Option(help="atoms.arrays key of the reference forces.")] = "REF_forces",
+    run_dir: RunDirArg,
+    n_bootstrap: NBootstrap = 1000,
+    forces_key: ForcesKey = "REF_forces",
 ) -> None:
     """How well each score finds OOD structures: ROC-AUC and rank correlation with the force error."""
     from mace_ood.evaluate import evaluate_run, plot_evaluation
-    from mace_ood.report import write_csv
+    from mace_ood.files import write_csv
 
     try:
         table = evaluate_run(run_dir, n_bootstrap, forces_key)
@@ -177,20 +191,18 @@ def format_evaluation(table) -> str:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo data, config and run go.")] = Path("demo_work"),
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Trained demo models are cached here (default ~/.cache/mace-ood).")
-    ] = None,
-    retrain: Annotated[bool, typer.Option(help="Train the demo models again even if cached.")] = False,
+    workdir: Workdir = Path("demo_work"),
+    cache_dir: CacheDir = None,
+    retrain: Retrain = False,
 ) -> None:
     """Make two EMT-labelled Cu datasets, train 4 tiny MACE seeds on each (cached), and run."""
     from mace_ood.demo import prepare_demo
 
     config_path = prepare_demo(workdir, cache_dir=cache_dir, retrain=retrain, echo=typer.echo)
     typer.echo(f"config: {config_path}")
-    cfg = _load(config_path, None, None, None, None, None)
+    cfg = _load(config_path)
     result = run_config(cfg)
-    from mace_ood.pipeline import format_summary
+    from mace_ood.report.build import format_summary
 
     typer.echo(format_summary(result))
     typer.echo("\nHow well does each score find what the models do not know? (`mace-ood evaluate`)")

@@ -10,10 +10,12 @@ from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 from xarray.tests import raise_if_dask_computes
 
-from mace_ood.reference import fit_reference, procrustes_rotation, ridge_precision
-from mace_ood.scores import compute_scores, knn_mean_distance, percentile_against
-from mace_ood.scoring import open_latents
-from mace_ood.store import LatentWriter
+from mace_ood.extract.store import LatentWriter
+from mace_ood.score.calibrate import percentile_against
+from mace_ood.score.compute import compute_scores
+from mace_ood.score.kernels import knn_mean_distance
+from mace_ood.score.latents import open_latents
+from mace_ood.score.reference import fit_reference, procrustes_rotation, ridge_precision
 
 N_FEATURES = 5
 
@@ -124,7 +126,8 @@ def test_force_deviation_equals_numpy_on_a_tiny_model(tiny_models, tmp_path):
     import ase.io
 
     from mace_ood.config import ExtractionSettings
-    from mace_ood.latents import LatentExtractor, extract_to_netcdf
+    from mace_ood.extract.runner import LatentExtractor
+    from mace_ood.extract.stream import extract_to_netcdf
     from mace_ood.testing import random_structures
 
     structures = random_structures(4, seed=11)

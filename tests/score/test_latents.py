@@ -5,9 +5,10 @@ import pytest
 import xarray as xr
 from xarray.tests import raise_if_dask_computes
 
-from mace_ood.scores import compute_scores
-from mace_ood.scoring import ScoreError, open_latents
-from mace_ood.store import LatentWriter, partial_path
+from mace_ood.extract.store import LatentWriter
+from mace_ood.paths import partial_path
+from mace_ood.score.compute import compute_scores
+from mace_ood.score.latents import ScoreError, open_latents
 from tests.synthetic import synthetic_latent_files
 
 

@@ -7,8 +7,8 @@ import pytest
 from ase import Atoms
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.latents import extract_to_netcdf
-from mace_ood.models import ModelError, check_family, describe_model
+from mace_ood.extract.models import ModelError, check_family, describe_model
+from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.structures import InputError, iter_structures, resolve_files
 from mace_ood.testing import random_structures, save_tiny_family
 

@@ -1,25 +1,13 @@
-"""The latent-variance score, lazy and out of core (xarray + dask).
-
-For one (family, dataset) with seed files s = 1..S holding latents z_s(atom, feature):
-
-    u(atom)      = mean_feature Var_s z_s(atom, feature)     (population variance, ddof=0)
-    U(structure) = mean_{atom in structure} u(atom)
-
-The seed arrays are stacked to (seed, atom, feature) and reduced block by block along
-atoms (``map_blocks``), which streams the files in chunk-sized slabs; the per-structure
-mean is a difference of a running sum at the structure boundaries, so nothing of size
-(atoms x features) is ever held in memory.
-"""
+"""The seed files of one evaluation, opened lazily as one (seed, atom, feature) dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
-from mace_ood.store import STRUCTURE_FIELDS as STRUCTURE_VARS
+from mace_ood.extract.store import STRUCTURE_FIELDS as STRUCTURE_VARS
 
 
 class ScoreError(ValueError):
@@ -80,25 +68,3 @@ def _combine_seeds(paths: list, opened: list[xr.Dataset], chunk_atoms: int | Non
     out.attrs["seed_files"] = [str(p) for p in paths]
     out.set_close(lambda: [ds.close() for ds in opened])
     return out
-
-
-def _block_variance(block: np.ndarray) -> np.ndarray:
-    return block.var(axis=0, dtype=np.float64).mean(axis=-1)
-
-
-def atom_latent_variance(latent: xr.DataArray) -> xr.DataArray:
-    """Per-atom mean over features of the across-seed variance, lazily (dims: atom)."""
-    data = latent.transpose("seed", "atom", "feature").data
-    data = data.rechunk({0: -1, 2: -1})
-    per_atom = da.map_blocks(_block_variance, data, drop_axis=(0, 2), dtype=np.float64)
-    return xr.DataArray(per_atom, dims=("atom",), name="atom_latent_variance")
-
-
-def structure_mean(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
-    """Mean of a per-atom array over each structure's contiguous atom range, lazily."""
-    values = per_atom.data
-    running = da.concatenate([da.zeros(1, dtype=values.dtype), da.cumsum(values)])
-    starts = np.asarray(atom_offset, dtype=np.int64)
-    stops = starts + np.asarray(n_atoms, dtype=np.int64)
-    sums = running[stops] - running[starts]
-    return xr.DataArray(sums / np.asarray(n_atoms), dims=("structure",))

@@ -6,16 +6,14 @@ import openpyxl
 import pandas as pd
 from ase import Atoms
 
-from mace_ood.report import (
-    atomic_path,
-    evaluation_table,
-    sheet_name,
-    write_excel,
-    write_scores_netcdf,
-    write_selected,
-)
-from mace_ood.scores import compute_scores
-from mace_ood.scoring import open_latents
+from mace_ood.files import atomic_path
+from mace_ood.report.excel import sheet_name, write_excel
+from mace_ood.report.structures import write_selected
+from mace_ood.report.tables import evaluation_table
+from mace_ood.score.compute import compute_scores
+from mace_ood.score.evaluation import write_scores_netcdf
+from mace_ood.score.latents import open_latents
+from mace_ood.select.top import select_top
 from tests.synthetic import synthetic_latent_files
 
 
@@ -50,7 +48,7 @@ def test_molecule_without_cell_gets_a_box_and_scores_travel(tmp_path):
         scores["frame_index"] = ("structure", np.array([0]))
         scores_path = write_scores_netcdf(scores, tmp_path / "scores.nc")
     table = evaluation_table(scores_path, "F", "D", False)
-    selected = write_selected(table, scores_path, tmp_path / "top", top_k=5)
+    selected = write_selected(select_top(table, 5), scores_path, tmp_path / "top")
     assert len(selected) == 1
     cif = ase.io.read(selected.iloc[0]["cif"])
     assert cif.cell.rank == 3 and len(cif) == 3

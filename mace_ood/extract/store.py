@@ -28,6 +28,8 @@ from typing import Any
 import netCDF4
 import numpy as np
 
+from mace_ood.paths import partial_path
+
 STRUCTURE_CHUNK = 4096
 # netCDF4 filter settings by name. blosc_lz4 wrote fastest in benchmarks/scoring.py but its
 # HDF5 filter fails ("Buffer is uncompressible", then an HDF error) on incompressible chunks,
@@ -40,14 +42,6 @@ COMPRESSION = {
 }
 STRING_FIELDS = ("structure_id", "source_file", "formula", "info_json", "structure_hash")
 STRUCTURE_FIELDS = (*STRING_FIELDS, "frame_index", "atom_offset", "n_atoms")
-# A small HDF5 chunk cache per variable: the default 64 MiB per variable per open file
-# dominates memory when several seed files are open.
-netCDF4.set_chunk_cache(4 * 1024 * 1024, 521, 0.75)
-
-
-def partial_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
 
 
 class LatentWriter:

@@ -1,0 +1,72 @@
+"""Batching ahead of the model: structures grouped by count and atom budget, collated in a
+background thread so that reading and neighbour lists overlap the forward passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead; its errors re-raise here."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            items.put(_Failed(exc))
+
+    thread = threading.Thread(target=produce, name="mace-ood-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def collated(groups: Iterator[list[dict]]) -> Iterator[tuple[list[dict], object]]:
+    from mace.tools.torch_geometric.batch import Batch
+
+    for batch in groups:
+        graphs = [item["graph"] for item in batch if "graph" in item]
+        yield batch, Batch.from_data_list(graphs) if graphs else None
+
+
+def batches(items: Iterator[dict], batch_size: int, max_atoms: int) -> Iterator[list[dict]]:
+    batch: list = []
+    atoms_in_batch = 0
+    for item in items:
+        n_atoms = len(item["atoms"])
+        if batch and (len(batch) >= batch_size or atoms_in_batch + n_atoms > max_atoms):
+            yield batch
+            batch, atoms_in_batch = [], 0
+        batch.append(item)
+        atoms_in_batch += n_atoms
+    if batch:
+        yield batch

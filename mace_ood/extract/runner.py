@@ -1,0 +1,227 @@
+"""The forward runner: one MACE model, batches of graphs in, per-atom latents out.
+
+The latents are the 0e columns of the model's own ``node_feats`` output (no change to
+mace), computed on graphs built by mace's data pipeline in the model's dtype. Out of
+memory, a batch is halved down to one structure, and one structure is split into
+spatial domains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from mace_ood.extract.models import (
+    DTYPES,
+    cached_model,
+    invariant_columns,
+    resolve_device,
+    sha256_of,
+)
+from mace_ood.extract.oom import OutOfMemoryError, free_device_memory, is_out_of_memory
+from mace_ood.structures import MIN_DISTANCE_A
+
+log = logging.getLogger(__name__)
+
+
+class LatentExtractor:
+    """Runs one MACE model and returns per-atom invariant latents.
+
+    Parameters
+    ----------
+    model_path
+        MACE ``.model`` file.
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    default_dtype
+        ``float32`` or ``float64``; the model and the graphs are both cast to it.
+    layers
+        ``last`` (the readout's input) or ``all`` layers' invariants.
+    max_atoms_per_forward
+        Injectable memory budget: a forward pass over more atoms raises the same
+        out-of-memory error a GPU would. ``None``: no budget.
+    compute_forces
+        Also return forces, per-atom energies and the energy from the same forward pass
+        (needs autograd: roughly 2-3x the cost and memory of a latent-only pass).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "auto",
+        default_dtype: str = "float64",
+        layers: str = "last",
+        max_atoms_per_forward: int | None = None,
+        compute_forces: bool = False,
+    ) -> None:
+        import mace.data
+        from mace.tools import AtomicNumberTable
+
+        self._mace_data = mace.data
+        self.model_path = str(model_path)
+        self.model_sha256 = sha256_of(model_path)
+        self.device = resolve_device(device)
+        self.default_dtype = default_dtype
+        self.dtype = DTYPES[default_dtype]
+        self.model = cached_model(self.model_path, self.device, default_dtype, self.model_sha256)
+        self.columns = torch.tensor(invariant_columns(self.model, layers), device=self.device)
+        self.layers = layers
+        self.n_features = len(self.columns)
+        self.atomic_numbers = [int(z) for z in self.model.atomic_numbers]
+        self.z_table = AtomicNumberTable(self.atomic_numbers)
+        self.r_max = float(self.model.r_max)
+        self.heads = list(getattr(self.model, "heads", None) or ["Default"])
+        self.head = next((h for h in self.heads if h.lower() == "default"), self.heads[-1])
+        self.max_atoms_per_forward = max_atoms_per_forward
+        self.compute_forces = compute_forces
+        self.forward_passes = 0
+
+    def graph(self, atoms: Atoms):
+        """mace's AtomicData for one structure, in the model's dtype."""
+        from mace.tools.torch_tools import default_dtype
+
+        with default_dtype(self.dtype):
+            config = self._mace_data.config_from_atoms(atoms, head_name=self.head)
+            return self._mace_data.AtomicData.from_config(
+                config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads
+            )
+
+    @staticmethod
+    def collate(graphs: list):
+        """mace's batch of several graphs (on the CPU; done ahead of time by the loader thread)."""
+        from mace.tools.torch_geometric.batch import Batch
+
+        return Batch.from_data_list(graphs)
+
+    def _forward(self, graphs: list, batch=None) -> list[dict[str, np.ndarray]]:
+        n_atoms = sum(int(g.num_nodes) for g in graphs)
+        if self.max_atoms_per_forward is not None and n_atoms > self.max_atoms_per_forward:
+            raise OutOfMemoryError(
+                f"out of memory: {n_atoms} atoms exceed the budget of {self.max_atoms_per_forward}"
+            )
+        batch = (batch if batch is not None else self.collate(graphs)).to(self.device)
+        if self.compute_forces:
+            with torch.enable_grad():
+                out = self.model(batch.to_dict(), compute_force=True)
+            arrays = {
+                "latent": out["node_feats"].detach().index_select(1, self.columns),
+                "forces": out["forces"].detach(),
+                "node_energy": out["node_energy"].detach(),
+            }
+            energies = out["energy"].detach().cpu().numpy()
+        else:
+            with torch.inference_mode():
+                out = self.model(batch.to_dict(), compute_force=False)
+                arrays = {"latent": out["node_feats"].index_select(1, self.columns)}
+            energies = None
+        arrays = {name: value.cpu().numpy() for name, value in arrays.items()}
+        self.forward_passes += 1
+        bounds = batch.ptr.cpu().numpy()
+        results = []
+        for i in range(len(graphs)):
+            item = {name: value[bounds[i] : bounds[i + 1]] for name, value in arrays.items()}
+            if energies is not None:
+                item["energy"] = float(energies[i])
+            results.append(item)
+        return results
+
+    def outputs(
+        self,
+        graphs: list,
+        on_backoff: Callable[[int], None] | None = None,
+        structures: list[Atoms] | None = None,
+        batch=None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Per graph: ``latent`` (and ``forces``, ``node_energy``, ``energy`` with compute_forces).
+
+        On out-of-memory the batch is split in halves, down to one graph; a single graph
+        that still does not fit is computed by spatial domains (when its ``structures``
+        are given), which gives the same result. ``batch``: ``graphs`` already collated.
+        """
+        try:
+            return self._forward(graphs, batch)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            free_device_memory()
+            if len(graphs) == 1:
+                if structures is None:
+                    raise
+                if on_backoff is not None:
+                    on_backoff(0)
+                return [self.outputs_by_domains(structures[0])]
+            half = len(graphs) // 2
+            if on_backoff is not None:
+                on_backoff(half)
+            first = structures[:half] if structures is not None else None
+            rest = structures[half:] if structures is not None else None
+            return self.outputs(graphs[:half], on_backoff, first) + self.outputs(graphs[half:], on_backoff, rest)
+
+    @property
+    def receptive_field(self) -> float:
+        """Distance beyond which atoms cannot change an atom's last-layer features (Å)."""
+        return int(self.model.num_interactions) * self.r_max
+
+    def outputs_by_domains(self, atoms: Atoms, grid: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+        """One structure computed domain by domain, each with a halo of the receptive field
+        (twice that for forces); the finest grid needed to fit is found by trying."""
+        from mace_ood.extract.domains import decompose, grids
+
+        halo = self.receptive_field * (2 if self.compute_forces else 1)
+        candidates = [grid] if grid is not None else grids(atoms)
+        for candidate in candidates:
+            domains = list(decompose(atoms, candidate, halo))
+            if self.max_atoms_per_forward is not None and max(len(d.cluster) for d in domains) > self.max_atoms_per_forward:
+                continue
+            try:
+                results = [(d, self._forward([self.graph(d.cluster)])[0]) for d in domains]
+            except Exception as exc:
+                if not is_out_of_memory(exc) or grid is not None:
+                    raise
+                free_device_memory()
+                continue
+            out: dict[str, np.ndarray] = {}
+            for domain, result in results:
+                for name, values in result.items():
+                    if name == "energy":
+                        continue
+                    if name not in out:
+                        out[name] = np.empty((len(atoms), *values.shape[1:]), dtype=values.dtype)
+                    out[name][domain.core_in_structure] = values[domain.core_in_cluster]
+            if self.compute_forces:
+                out["energy"] = float(out["node_energy"].sum())
+            log.info("%d atoms computed in %d domains (grid %s, halo %.1f A)", len(atoms), len(domains), candidate, halo)
+            return out
+        raise OutOfMemoryError(
+            f"out of memory: a structure of {len(atoms)} atoms does not fit even split into domains "
+            f"(halo {halo:.1f} A); use a device with more memory"
+        )
+
+    def latents(self, graphs: list, on_backoff: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Latents of each graph, shape (n_atoms, n_features)."""
+        return [item["latent"] for item in self.outputs(graphs, on_backoff)]
+
+    def __call__(self, atoms: Atoms) -> np.ndarray:
+        """Latents of a single structure, shape (n_atoms, n_features)."""
+        return self.latents([self.graph(atoms)])[0]
+
+
+
+def close_atoms(graph) -> str | None:
+    """Why a graph's atoms are too close (< MIN_DISTANCE_A), from its own edges; else None."""
+    edges = graph["edge_index"]
+    if edges.shape[1] == 0:
+        return None
+    positions = graph["positions"]
+    vectors = positions[edges[1]] - positions[edges[0]] + graph["shifts"]
+    lengths = torch.linalg.vector_norm(vectors, dim=1)
+    k = int(torch.argmin(lengths))
+    if float(lengths[k]) >= MIN_DISTANCE_A:
+        return None
+    i, j = int(edges[0, k]), int(edges[1, k])
+    return f"atoms {min(i, j)} and {max(i, j)} are {float(lengths[k]):.3f} A apart (< {MIN_DISTANCE_A} A)"

@@ -1,0 +1,90 @@
+"""The plan of a run: files and models resolved and checked, one job per (family, seed, dataset)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mace_ood.config import ModelFile, RunConfig
+from mace_ood.extract.models import ModelError, check_family, describe_model, sha256_of
+from mace_ood.paths import latent_path
+from mace_ood.records import EvaluationPlan, ExtractionJob
+from mace_ood.structures import InputError, count_structures, resolve_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPlan:
+    """Everything a run will do, found before any of it is done."""
+
+    jobs: list[ExtractionJob] = field(default_factory=list)
+    evaluations: list[EvaluationPlan] = field(default_factory=list)
+    models: dict[str, list[dict]] = field(default_factory=dict)
+    files: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve_models(family: str, entries: list[str | ModelFile]) -> list[str]:
+    """Model files of a family, globs expanded; pinned SHA-256s are checked before any load."""
+    paths: list[str] = []
+    for entry in entries:
+        pattern = entry.path if isinstance(entry, ModelFile) else entry
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise ModelError(f"family {family!r}: {pattern}: matches no model file")
+        if isinstance(entry, ModelFile):
+            for match in matches:
+                actual = sha256_of(match)
+                if actual != entry.sha256.lower():
+                    raise ModelError(f"{match}: SHA-256 is {actual}, the config pins {entry.sha256.lower()}; not loading it")
+        paths.extend(str(Path(m).resolve()) for m in matches)
+    return list(dict.fromkeys(paths))
+
+
+def check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{output_dir}: output directory is not writable ({exc.strerror})") from None
+
+
+def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
+    """Resolve globs, check every model family and the output folder, list the jobs.
+
+    Everything that would stop the run is found here, before any extraction. ``count``:
+    also count the structures of each dataset (for progress reports).
+    """
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir)
+    shown = config.evaluation_pairs()
+    pairs = [(family, dataset, reference, True) for family, dataset, reference in shown]
+    for family in dict.fromkeys(family for family, _, _ in shown):
+        own = config.model_families[family].trained_on
+        if not any(f == family and d == own for f, d, _, _ in pairs):
+            pairs.append((family, own, True, False))
+    plan = RunPlan()
+    counts = {}
+    for dataset in dict.fromkeys(dataset for _, dataset, _, _ in pairs):
+        plan.files[dataset] = resolve_files(config.datasets[dataset], dataset)
+        counts[dataset] = count_structures(plan.files[dataset]) if count else 0
+    for family in dict.fromkeys(family for family, _, _, _ in pairs):
+        paths = resolve_models(family, config.model_families[family].models)
+        infos = [describe_model(p, config.layers) for p in paths]
+        check_family(family, infos)
+        plan.models[family] = [info.as_dict() for info in infos]
+    for family, dataset, reference, is_shown in pairs:
+        outputs = []
+        for seed, info in enumerate(plan.models[family]):
+            out = latent_path(output_dir, family, dataset, seed)
+            plan.jobs.append(
+                ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset])
+            )
+            outputs.append(str(out))
+        plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown))
+    return plan

@@ -1,0 +1,99 @@
+"""Small typed records that cross the task boundary: jobs and evaluations in, summaries out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypedDict
+
+from mace_ood.paths import evaluation_label
+
+
+@dataclass(frozen=True)
+class ExtractionJob:
+    """One (family, seed, dataset): run one model over one dataset into one latent file."""
+
+    family: str
+    seed: int
+    model_path: str
+    dataset: str
+    files: tuple[str, ...]
+    out_path: str
+    n_structures: int = 0  # expected, for progress
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-seed{self.seed}-{self.dataset}"
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """One (family, dataset) to score, with its seed files."""
+
+    family: str
+    dataset: str
+    reference: bool
+    latent_paths: tuple[str, ...]
+    shown: bool = True  # False: extracted only to fit the family's reference
+
+    @property
+    def label(self) -> str:
+        return evaluation_label(self.family, self.dataset)
+
+
+class SkippedStructure(TypedDict, total=False):
+    family: str
+    seed: int
+    dataset: str
+    structure_id: str
+    source_file: str
+    frame_index: int
+    reason: str
+
+
+class ExtractionResult(TypedDict):
+    """What an extraction task returns (see ``ExtractionSummary``), with its job's identity."""
+
+    path: str
+    model_path: str
+    model_sha256: str
+    n_structures: int
+    n_atoms: int
+    skipped: list[SkippedStructure]
+    forward_passes: int
+    computed_structures: int
+    copied_structures: int
+    resumed_structures: int
+    split_structures: int
+    wall_s: float
+    smallest_batch: int
+    reused: bool
+    atoms_per_s: float
+    family: str
+    seed: int
+    dataset: str
+    worker: str
+
+
+class EvaluationSummary(TypedDict):
+    evaluation: str
+    family: str
+    dataset: str
+    reference: bool
+    n_structures: int
+    n_atoms: int
+    score: str
+    median_score: float
+    max_score: float
+    n_ood: int
+    ood_percentile: float
+    top_structure: str
+    top_dir: str
+
+
+class ReportResult(TypedDict, total=False):
+    """What the report task returns: output paths, one summary per evaluation, the top rows."""
+
+    paths: dict[str, str]
+    summary: list[EvaluationSummary]
+    top: dict[str, list[dict]]
+    extractions: list[dict]

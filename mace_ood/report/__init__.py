@@ -1,0 +1,1 @@
+"""Report: tables, selected structure files, Excel, plots and chemiscope views of a run."""

@@ -1,0 +1,64 @@
+"""The Excel report: a summary sheet, one sheet per evaluation (its selection), a skipped sheet."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from mace_ood.files import atomic_path
+
+
+def sheet_name(text: str, taken: set[str]) -> str:
+    name = re.sub(r"[\[\]:*?/\\]", "_", text)[:31]
+    base, n = name, 2
+    while name in taken:
+        suffix = f"~{n}"
+        name, n = base[: 31 - len(suffix)] + suffix, n + 1
+    taken.add(name)
+    return name
+
+
+def write_excel(
+    path: str | Path,
+    summary: pd.DataFrame,
+    selected: dict[str, pd.DataFrame],
+    skipped: pd.DataFrame,
+    score: str = "latent_variance",
+) -> Path:
+    """Excel report: a summary sheet, one sheet per evaluation (its top K), a skipped sheet."""
+    from openpyxl.formatting.rule import ColorScaleRule
+    from openpyxl.utils import get_column_letter
+
+    def format_sheet(sheet, frame: pd.DataFrame, score_column: str | None) -> None:
+        sheet.freeze_panes = "A2"
+        if frame.shape[1]:
+            sheet.auto_filter.ref = sheet.dimensions
+        for index, column in enumerate(frame.columns, start=1):
+            values = [str(column)] + [str(v) for v in frame[column].head(500)]
+            sheet.column_dimensions[get_column_letter(index)].width = min(60, max(8, max(map(len, values)) + 2))
+        if score_column in frame.columns and len(frame):
+            letter = get_column_letter(list(frame.columns).index(score_column) + 1)
+            sheet.conditional_formatting.add(
+                f"{letter}2:{letter}{len(frame) + 1}",
+                ColorScaleRule(start_type="min", start_color="FFF8E1", mid_type="percentile",
+                               mid_value=50, mid_color="FFB74D", end_type="max", end_color="D84315"),
+            )
+        for cell in sheet[1]:
+            cell.font = cell.font.copy(bold=True)
+
+    taken: set[str] = set()
+    with atomic_path(path) as tmp:
+        with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+            name = sheet_name("summary", taken)
+            summary.to_excel(writer, sheet_name=name, index=False)
+            format_sheet(writer.sheets[name], summary, "max_score")
+            for label, frame in selected.items():
+                name = sheet_name(label, taken)
+                frame.to_excel(writer, sheet_name=name, index=False)
+                format_sheet(writer.sheets[name], frame, score)
+            name = sheet_name("skipped", taken)
+            skipped.to_excel(writer, sheet_name=name, index=False)
+            format_sheet(writer.sheets[name], skipped, None)
+    return Path(path)

@@ -1,0 +1,47 @@
+"""The score stage, files in and files out: fit a family's reference, score one evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import xarray as xr
+
+from mace_ood.config import ScoresConfig
+from mace_ood.files import atomic_path
+from mace_ood.paths import reference_path, scores_path
+from mace_ood.records import EvaluationPlan
+from mace_ood.score.compute import compute_scores
+from mace_ood.score.latents import open_latents
+from mace_ood.score.reference import FamilyReference, fit_reference
+
+
+def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, scores: ScoresConfig) -> str:
+    """Fit the family's reference (alignment, covariance, GMM, k-NN sample) on its own training set."""
+    with open_latents(list(evaluation.latent_paths)) as latents:
+        reference = fit_reference(
+            latents["latent"], max_atoms=scores.reference_max_atoms, knn_k=scores.knn_k, ridge=scores.ridge,
+            gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms,
+        )
+    return str(reference.save(reference_path(output_dir, evaluation.family)))
+
+
+def write_scores_netcdf(scores: xr.Dataset, path: str | Path) -> Path:
+    """Compute the lazy scores once and store them (per atom and per structure)."""
+    with atomic_path(path) as tmp:
+        scores.to_netcdf(tmp, engine="netcdf4")
+    return Path(path)
+
+
+def score_evaluation(
+    evaluation: EvaluationPlan, output_dir: str | Path, chunk_atoms: int, reference_file: str | None = None
+) -> str:
+    """Every score of one evaluation, computed once and stored to ``scores/<label>.nc``."""
+    reference = FamilyReference.load(reference_file) if reference_file else None
+    with open_latents(list(evaluation.latent_paths), chunk_atoms=chunk_atoms) as latents:
+        scores = compute_scores(latents, reference)
+        scores.attrs.update({
+            "family": evaluation.family, "dataset": evaluation.dataset,
+            "reference": int(evaluation.reference), "seed_files": json.dumps(evaluation.latent_paths),
+        })
+        return str(write_scores_netcdf(scores, scores_path(output_dir, evaluation.label)))

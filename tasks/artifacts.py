@@ -1,0 +1,41 @@
+"""Prefect UI artifacts: keys, the selection table of each evaluation, the run summary."""
+
+from __future__ import annotations
+
+import re
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from mace_ood.config import RunConfig
+from mace_ood.records import ReportResult
+
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def publish_artifacts(result: ReportResult, config: RunConfig) -> None:
+    import pandas as pd
+
+    from mace_ood.select.top import select_top
+
+    score = config.select.score
+    table = pd.read_csv(result["paths"]["scores_csv"])
+    for row in result["summary"]:
+        top = select_top(table[(table.family == row["family"]) & (table.dataset == row["dataset"])], config.select.top_k)
+        columns = ["rank", score, f"{score}_percentile", "ood", "structure_id", "formula", "n_atoms", "source_file"]
+        create_table_artifact(
+            key=artifact_key("top", row["family"], row["dataset"]),
+            table=top[columns].round(6).to_dict(orient="records"),
+            description=f"Top {config.select.top_k} of {row['family']} on {row['dataset']} by {score}",
+        )
+    lines = [f"# mace-ood: {config.output_dir}", "", f"Ranking score: `{score}`; OOD flag above the "
+             f"{config.select.ood_percentile:g}th percentile of each family's own training set.", "",
+             "| evaluation | structures | atoms | flagged OOD | top structure |", "|---|---|---|---|---|"]
+    for row in result["summary"]:
+        lines.append(f"| {row['family']} on {row['dataset']} | {row['n_structures']} | {row['n_atoms']} | "
+                     f"{row['n_ood']} | {row['top_structure']} |")
+    lines += ["", "## Files", ""] + [f"- {name}: `{path}`" for name, path in result["paths"].items()]
+    create_markdown_artifact(key=artifact_key("mace-ood-summary"), markdown="\n".join(lines),
+                             description="Run summary and where the outputs are")

@@ -1,0 +1,25 @@
+"""Report task: select, write every output file, and publish the Prefect UI artifacts."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mace_ood.config import RunConfig
+from mace_ood.records import EvaluationPlan, ReportResult, SkippedStructure
+from mace_ood.report.build import build_report
+from tasks.artifacts import publish_artifacts
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def write_report(
+    config: RunConfig, evaluations: list[EvaluationPlan], score_files: list[str], skipped: list[SkippedStructure]
+) -> ReportResult:
+    """scores.csv, top-K structures, skipped.csv, report.xlsx; returns paths and the top rows.
+
+    Also publishes, for the Prefect UI, a table artifact of the top K of each evaluation and
+    a markdown summary with the file locations.
+    """
+    result = build_report(config, evaluations, score_files, skipped)
+    publish_artifacts(result, config)
+    return result
