@@ -32,10 +32,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# All four benchmarks (about 25 min on 2 cores); each prints a markdown table.
+# All five benchmarks (about 27 min on 2 cores); each prints a markdown table.
 bench: setup
 	$(PY) benchmarks/extraction.py
 	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/selection.py
 	$(PY) benchmarks/full_run.py memory
 	$(PY) benchmarks/full_run.py workers --seeds 4
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_SCORE = "aligned_latent_variance"  # the best on the demo evaluation (README)
+DEFAULT_SCORE = "combined"  # no single score wins everywhere (README, "The scores")
 
 
 class ConfigError(ValueError):
@@ -50,9 +50,17 @@ class Evaluation(_Strict):
 
 
 # Every score, named once: mace_ood.score takes its lists from these.
-LatentScoreName = Literal["latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll"]
+# Per-atom latent scores; per structure, <name> is the mean over atoms and <name>_max the max.
+AtomLatentScoreName = Literal["latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll"]
+LatentScoreName = Literal[
+    AtomLatentScoreName, "latent_variance_max", "aligned_latent_variance_max", "mahalanobis_max",
+    "knn_distance_max", "gmm_nll_max",
+]
 ForceScoreName = Literal["force_deviation_max", "force_deviation_mean", "energy_std_per_atom"]
-ScoreName = Literal[LatentScoreName, ForceScoreName]
+CombinedScoreName = Literal["combined"]
+ScoreName = Literal[LatentScoreName, ForceScoreName, CombinedScoreName]
+SelectStrategy = Literal["diverse", "top"]
+DEFAULT_COMBINED = ["mahalanobis_max", "force_deviation_mean"]  # README, "The scores": why these two
 Device = Literal["auto", "cpu", "cuda"]
 DefaultDtype = Literal["float32", "float64"]
 Layers = Literal["last", "all"]
@@ -65,7 +73,28 @@ class SelectConfig(_Strict):
     ood_percentile: float = Field(
         99.0, gt=0, lt=100,
         description="A structure is flagged `ood` when its score is above this percentile of the "
-        "family's own training set.",
+        "calibration part of the family's own training set (never the part the reference was fitted on).",
+    )
+    strategy: SelectStrategy = Field(
+        "diverse",
+        description="`diverse`: farthest-point picks among the OOD candidates, far from the training set "
+        "and from each other; `top`: the K highest scores.",
+    )
+    score_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="diverse: how much the score weighs against novelty (0: pure farthest-point; "
+        "1: distance times the score's rank fraction).",
+    )
+    trust_max: float | None = Field(
+        None,
+        description="diverse: candidates whose ranking score is above this are dropped as broken geometries "
+        "(like DP-GEN's trust_hi); in the units of `score`.",
+    )
+    combine: list[Literal[LatentScoreName, ForceScoreName]] = Field(
+        default_factory=lambda: list(DEFAULT_COMBINED),
+        min_length=1,
+        description="Scores the `combined` score averages, each as its calibrated exceedance; those not "
+        "computed in a run (force scores without `forces: true`) are left out.",
     )
 
 
@@ -79,6 +108,12 @@ class ScoresConfig(_Strict):
     )
     gmm_max_atoms: int = Field(5000, ge=10, description="Reference atoms the GMM is fitted on.")
     ridge: float = Field(1e-3, ge=0, description="Covariance ridge, relative to the mean variance.")
+    calibration_fraction: float = Field(
+        0.2, gt=0, lt=1,
+        description="Share of the training set's structures held out from fitting the reference; "
+        "percentiles, the `ood` threshold and the combined score are calibrated on them only.",
+    )
+    split_seed: int = Field(0, description="Seed of the fit / calibration split (by structure).")
 
 
 class MetadataConfig(_Strict):

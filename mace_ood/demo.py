@@ -32,6 +32,7 @@ from mace_ood.files import atomic_path
 
 N_SEEDS = 4
 FRAMES_PER_TRAJECTORY = 30
+TEST_FRAMES = 10  # per T1 trajectory, for the in-distribution test set
 STEPS_BETWEEN_FRAMES = 10
 TRAIN_ARGS = (
     "--model=ScaleShiftMACE", "--num_channels=16", "--max_L=0", "--num_interactions=2",
@@ -78,17 +79,24 @@ def _strained(atoms: Atoms, strain: float) -> Atoms:
 
 
 def make_datasets(data_dir: Path) -> dict[str, list[Path]]:
-    """Write the T1 and T2 files (extxyz + a few CIF/POSCAR); returns dataset -> files."""
+    """Write the T1, T1_test and T2 files (extxyz + a few CIF/POSCAR); returns dataset -> files.
+
+    T1_test is drawn like T1 (same strains and temperature, other MD seeds) and never trained
+    on: the honest in-distribution class of `mace-ood evaluate`.
+    """
     cu = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
-    t1, t2 = data_dir / "T1", data_dir / "T2"
-    t1.mkdir(parents=True, exist_ok=True)
-    t2.mkdir(parents=True, exist_ok=True)
-    files: dict[str, list[Path]] = {"T1": [], "T2": []}
+    t1, t1_test, t2 = data_dir / "T1", data_dir / "T1_test", data_dir / "T2"
+    for folder in (t1, t1_test, t2):
+        folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Path]] = {"T1": [], "T1_test": [], "T2": []}
     for seed, strain in enumerate((-0.01, 0.0, 0.01)):
         label = f"{round(strain * 100):+d}pct"
         path = t1 / f"md_Cu32_T300K_strain{label}.extxyz"
         ase.io.write(path, md_frames(_strained(cu, strain), 300, seed=seed), format="extxyz")
         files["T1"].append(path)
+        path = t1_test / f"md_Cu32_T300K_strain{label}_test.extxyz"
+        ase.io.write(path, md_frames(_strained(cu, strain), 300, seed=20 + seed, n_frames=TEST_FRAMES), format="extxyz")
+        files["T1_test"].append(path)
     vacancy = cu.copy()
     del vacancy[0]
     slab = fcc111("Cu", size=(3, 3, 4), a=3.61, vacuum=7.0, periodic=True)
@@ -171,6 +179,7 @@ batch_size: 16
 forces: true              # store each seed's forces too: force-deviation scores and `mace-ood evaluate`
 datasets:
   T1: ["data/T1/*.extxyz"]
+  T1_test: ["data/T1_test/*.extxyz"]   # drawn like T1, never trained on
   T2: ["data/T2/*.extxyz", "data/T2/*.cif", "data/T2/*.vasp"]
 model_families:
   MACE_T1:
@@ -179,7 +188,11 @@ model_families:
   MACE_T2:
     trained_on: T2
     models: [{", ".join(f'"{p}"' for p in models["T2"])}]
-evaluations: cross
+evaluations:              # T2's MD contains 300 K bulk: T1 is not new to MACE_T2
+  - {{family: MACE_T1, dataset: T2}}
+  - {{family: MACE_T1, dataset: T1_test}}
+  - {{family: MACE_T2, dataset: T1}}
+ood_labels: {{T1_test: false}}
 reference: true
 select: {{top_k: 30, ood_percentile: 99}}
 metadata: {{patterns: ['strain(?P<strain_pct>[+-]?\\d+)pct']}}
@@ -200,7 +213,8 @@ def prepare_demo(
     workdir = Path(workdir).resolve()
     cache_dir = Path(cache_dir or os.environ.get("MACE_OOD_CACHE", Path.home() / ".cache" / "mace-ood")) / "demo"
     files = make_datasets(workdir / "data")
-    echo(f"datasets: T1 {len(files['T1'])} files, T2 {len(files['T2'])} files in {workdir / 'data'}")
+    echo("datasets: " + ", ".join(f"{name} {len(paths)} files" for name, paths in files.items())
+         + f" in {workdir / 'data'}")
     models = {}
     for name in ("T1", "T2"):
         train_file = workdir / "data" / f"train_{name}.extxyz"

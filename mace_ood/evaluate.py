@@ -6,11 +6,14 @@ For a finished run directory:
   or a calculator's forces) and the run stored predicted forces (``forces: true``), each
   structure's force RMSE of the ensemble mean; every score's Spearman rank correlation
   with it.
-- **ROC-AUC**: per dataset, the label given in the config's ``ood_labels``, else the natural
-  label of the cross-evaluation: a family's own training set is in-distribution (0), every
-  other dataset it scores is out of distribution (1).
+- **ROC-AUC**: OOD structures against in-distribution ones. A structure's label comes from
+  ``--labels FILE.csv`` (``structure_id,is_ood``), else the config's ``ood_labels`` for its
+  dataset, else the natural label of the cross-evaluation: a family's own training set is in
+  distribution, every other dataset it scores is out of distribution. Of the training set,
+  only the held-out calibration part counts: the part the reference was fitted on is left out.
 
-Both with percentile bootstrap 95 % intervals over structures.
+Per (family, dataset) and pooled per family (``dataset`` = ``all``), with percentile
+bootstrap 95 % intervals over structures.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from mace_ood.files import pyplot, save_figure
 from mace_ood.report.tables import evaluation_table
 from mace_ood.score.compute import ALL_SCORES
 from mace_ood.structures import read_structures
+
+EVALUATION_COLUMNS = ["family", "dataset", "score", "metric", "value", "ci_low", "ci_high", "n"]
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -73,10 +78,11 @@ def reference_forces(atoms, key: str) -> np.ndarray | None:
     return None
 
 
-def force_errors(scores_file: Path, forces_key: str = "REF_forces") -> np.ndarray | None:
-    """Per structure, the force RMSE of the ensemble mean against the reference forces."""
+def force_errors(scores_file: Path, forces_key: str = "REF_forces") -> pd.Series | None:
+    """Per structure id, the force RMSE of the ensemble mean against the reference forces."""
     with xr.open_dataset(scores_file) as ds:
         seed_files = json.loads(ds.attrs["seed_files"])
+        ids = ds["structure_id"].values.astype(str)
         sources = ds["source_file"].values.astype(str)
         frames = ds["frame_index"].values
         offsets, counts = ds["atom_offset"].values, ds["n_atoms"].values
@@ -95,51 +101,123 @@ def force_errors(scores_file: Path, forces_key: str = "REF_forces") -> np.ndarra
             start = offsets[row]
             diff = mean_forces[start : start + counts[row]] - truth
             errors[row] = float(np.sqrt(np.mean(diff**2)))
-    return errors if np.isfinite(errors).any() else None
+    return pd.Series(errors, index=ids, name="force_rmse") if np.isfinite(errors).any() else None
 
 
-def evaluate_run(
-    run_dir: str | Path, n_resamples: int = 1000, forces_key: str = "REF_forces", seed: int = 0
+def read_labels(path: str | Path) -> dict[str, bool]:
+    """``structure_id,is_ood`` rows (is_ood: true/false/1/0) from a CSV file."""
+    frame = pd.read_csv(path, dtype={"structure_id": str})
+    missing = {"structure_id", "is_ood"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: needs the columns structure_id,is_ood (missing {', '.join(sorted(missing))})")
+    values = frame["is_ood"].astype(str).str.strip().str.lower()
+    bad = ~values.isin(["true", "false", "1", "0"])
+    if bad.any():
+        raise ValueError(f"{path}: is_ood must be true/false/1/0, got {frame['is_ood'][bad].iloc[0]!r}")
+    return dict(zip(frame["structure_id"], values.isin(["true", "1"]), strict=True))
+
+
+def evaluation_data(
+    run_dir: str | Path, forces_key: str = "REF_forces", labels: dict[str, bool] | None = None
 ) -> pd.DataFrame:
-    """Per family and score: Spearman with the force error and ROC-AUC, with bootstrap intervals."""
+    """Every structure of every evaluation of a run, with all scores (the combined one and the
+    percentiles recomputed as in the run), its ``force_rmse`` joined by structure id, its
+    ``ood_label`` and ``split``. Rows of the training structures the reference was fitted on are
+    dropped: they may only be compared with data the fit has not seen."""
+    from mace_ood.config import RunConfig, SelectConfig
+    from mace_ood.records import EvaluationPlan
+    from mace_ood.score.calibrate import add_percentiles
+
     run_dir = Path(run_dir)
     files = sorted((run_dir / "scores").glob("*.nc"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no scores/*.nc (is this a finished mace-ood run directory?)")
-    tables = []
+    config_file = run_dir / "run_config.json"
+    config = RunConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
+    select = config.select if config else SelectConfig()
+    evaluations, tables = [], {}
     for path in files:
         with xr.open_dataset(path) as ds:
             family, dataset, reference = ds.attrs["family"], ds.attrs["dataset"], bool(ds.attrs["reference"])
-        table = evaluation_table(path, family, dataset, reference, "latent_variance")
+        evaluation = EvaluationPlan(family, dataset, reference, ())
+        table = evaluation_table(path, family, dataset, reference, None)
         errors = force_errors(path, forces_key)
-        table = table.sort_index()
-        table["force_rmse"] = errors if errors is not None else np.nan
-        tables.append(table)
-    data = pd.concat(tables, ignore_index=True)
-    config_file = run_dir / "run_config.json"
-    ood_labels = json.loads(config_file.read_text()).get("ood_labels", {}) if config_file.is_file() else {}
-    natural = ~data["reference"]
-    data["ood_label"] = [ood_labels.get(d, n) for d, n in zip(data["dataset"], natural, strict=True)]
+        table["force_rmse"] = table["structure_id"].map(errors) if errors is not None else np.nan
+        evaluations.append(evaluation)
+        tables[evaluation.label] = table
+    add_percentiles(tables, evaluations, select)
+    data = pd.concat(tables.values(), ignore_index=True)
+    if "split" not in data.columns:
+        data["split"] = ""
+    data["split"] = data["split"].fillna("")
+    data = data[data["split"] != "fit"].reset_index(drop=True)
+    ood_labels = config.ood_labels if config else {}
+    natural = [ood_labels.get(d, not r) for d, r in zip(data["dataset"], data["reference"], strict=True)]
+    labels = labels or {}
+    data["ood_label"] = [labels.get(sid, n) for sid, n in zip(data["structure_id"], natural, strict=True)]
+    return data
+
+
+def _scores_of(group: pd.DataFrame) -> list[str]:
+    return [s for s in ALL_SCORES if s in group.columns and np.isfinite(group[s].to_numpy(dtype=float)).any()]
+
+
+def _spearman_rows(family: str, dataset: str, part: pd.DataFrame, n_resamples: int, seed: int) -> list[dict]:
+    """Each score's Spearman correlation with the force RMSE over ``part``'s structures."""
+    error = part["force_rmse"].to_numpy(dtype=float)
+    has_error = np.isfinite(error)
+    if has_error.sum() <= 2:
+        return []
     rows = []
-    for family, group in data.groupby("family"):
-        labels = group["ood_label"].to_numpy(dtype=bool)
-        error = group["force_rmse"].to_numpy()
-        has_error = np.isfinite(error)
-        for score in [s for s in ALL_SCORES if s in group.columns]:
-            values = group[score].to_numpy()
-            if has_error.sum() > 2:
-                x, y = values[has_error], error[has_error]
-                low, high = bootstrap_interval(spearman, (x, y), n_resamples, seed)
-                rows.append({"family": family, "score": score, "metric": "spearman_vs_force_rmse",
-                             "value": spearman(x, y), "ci_low": low, "ci_high": high, "n": int(has_error.sum())})
-            if labels.any() and (~labels).any():
-                low, high = bootstrap_interval(roc_auc, (values, labels), n_resamples, seed, strata=labels)
-                rows.append({"family": family, "score": score, "metric": "roc_auc_ood_vs_in_distribution",
-                             "value": roc_auc(values, labels), "ci_low": low, "ci_high": high, "n": len(values)})
-    return pd.DataFrame(rows, columns=["family", "score", "metric", "value", "ci_low", "ci_high", "n"])
+    for score in _scores_of(part):
+        x, y = part[score].to_numpy(dtype=float)[has_error], error[has_error]
+        low, high = bootstrap_interval(spearman, (x, y), n_resamples, seed)
+        rows.append({"family": family, "dataset": dataset, "score": score, "metric": "spearman_vs_force_rmse",
+                     "value": spearman(x, y), "ci_low": low, "ci_high": high, "n": int(has_error.sum())})
+    return rows
+
+
+def _roc_rows(family: str, dataset: str, group: pd.DataFrame, positives: np.ndarray, negatives: np.ndarray,
+              n_resamples: int, seed: int) -> list[dict]:
+    """Each score's ROC-AUC, ``positives`` (OOD) against ``negatives`` (in distribution)."""
+    if not positives.any() or not negatives.any():
+        return []
+    keep = positives | negatives
+    rows = []
+    for score in _scores_of(group):
+        values, labels = group[score].to_numpy(dtype=float)[keep], positives[keep]
+        low, high = bootstrap_interval(roc_auc, (values, labels), n_resamples, seed, strata=labels)
+        rows.append({"family": family, "dataset": dataset, "score": score,
+                     "metric": "roc_auc_ood_vs_in_distribution", "value": roc_auc(values, labels),
+                     "ci_low": low, "ci_high": high, "n": int(keep.sum())})
+    return rows
+
+
+def evaluate_run(
+    run_dir: str | Path, n_resamples: int = 1000, forces_key: str = "REF_forces", seed: int = 0,
+    labels: dict[str, bool] | None = None,
+) -> pd.DataFrame:
+    """Per (family, dataset) and pooled per family (``dataset`` = ``all``): every score's Spearman
+    with the force error and its ROC-AUC, OOD structures against in-distribution ones (the held-out
+    calibration part of the training set and anything labelled in distribution), with bootstrap
+    95 % intervals."""
+    data = evaluation_data(run_dir, forces_key, labels)
+    rows = []
+    for family, group in data.groupby("family", sort=False):
+        group = group.reset_index(drop=True)
+        is_ood = group["ood_label"].to_numpy(dtype=bool)
+        for dataset in dict.fromkeys(group["dataset"]):
+            in_dataset = (group["dataset"] == dataset).to_numpy()
+            rows += _roc_rows(family, dataset, group, is_ood & in_dataset, ~is_ood, n_resamples, seed)
+            rows += _spearman_rows(family, dataset, group[in_dataset], n_resamples, seed)
+        rows += _roc_rows(family, "all", group, is_ood, ~is_ood, n_resamples, seed)
+        rows += _spearman_rows(family, "all", group, n_resamples, seed)
+    return pd.DataFrame(rows, columns=EVALUATION_COLUMNS)
 
 
 def plot_evaluation(table: pd.DataFrame, path: str | Path) -> Path:
+    """Bars per score of the pooled metrics of each family, with their intervals."""
+    table = table[table["dataset"] == "all"]
     plt = pyplot()
     metrics = list(dict.fromkeys(table["metric"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)

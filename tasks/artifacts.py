@@ -18,20 +18,21 @@ def artifact_key(*parts: str) -> str:
 def publish_artifacts(result: ReportResult, config: RunConfig) -> None:
     import pandas as pd
 
-    from mace_ood.select.top import select_top
-
     score = config.select.score
     table = pd.read_csv(result["paths"]["scores_csv"])
     for row in result["summary"]:
-        top = select_top(table[(table.family == row["family"]) & (table.dataset == row["dataset"])], config.select.top_k)
-        columns = ["rank", score, f"{score}_percentile", "ood", "structure_id", "formula", "n_atoms", "source_file"]
+        picks = table[(table.family == row["family"]) & (table.dataset == row["dataset"]) & table.selected.notna()]
+        picks = picks.sort_values("selected").astype({"selected": int})
+        columns = ["selected", "rank", score, f"{score}_percentile", "ood", "structure_id", "formula", "n_atoms",
+                   "source_file"]
         create_table_artifact(
             key=artifact_key("top", row["family"], row["dataset"]),
-            table=top[columns].round(6).to_dict(orient="records"),
-            description=f"Top {config.select.top_k} of {row['family']} on {row['dataset']} by {score}",
+            table=picks[columns].round(6).to_dict(orient="records"),
+            description=f"{row['strategy']} selection of {row['n_selected']} from {row['family']} on "
+                        f"{row['dataset']} by {score}" + (f" ({row['selection_note']})" if row["selection_note"] else ""),
         )
     lines = [f"# mace-ood: {config.output_dir}", "", f"Ranking score: `{score}`; OOD flag above the "
-             f"{config.select.ood_percentile:g}th percentile of each family's own training set.", "",
+             f"{config.select.ood_percentile:g}th percentile of the held-out part of each family's training set.", "",
              "| evaluation | structures | atoms | flagged OOD | top structure |", "|---|---|---|---|---|"]
     for row in result["summary"]:
         lines.append(f"| {row['family']} on {row['dataset']} | {row['n_structures']} | {row['n_atoms']} | "

@@ -116,20 +116,28 @@ def test_run_end_to_end(finished_run):
     top_dir = out / "top" / "MACE_T1__T2"
     cifs = sorted(top_dir.glob("*.cif"))
     assert len(cifs) == 2 and cifs[0].name.startswith("01_")
-    best = t1_on_t2.sort_values("rank").iloc[0]
-    atoms = ase.io.read(cifs[0])
-    assert len(atoms) == best.n_atoms
+    picks = t1_on_t2[t1_on_t2.selected.notna()].sort_values("selected")
+    assert list(picks.selected) == [1, 2]
+    best = picks.iloc[0]
+    atoms = ase.io.read(cifs[0], store_tags=True)
+    assert len(atoms) == best.n_atoms and atoms.info["_mace_ood_selected"] == 1
+    assert cifs[0].name == f"01_{best.structure_id}.cif"
     xyz = ase.io.read(sorted(top_dir.glob("*.extxyz"))[0])
     assert np.isclose(xyz.arrays["MACE_OOD_latent_variance"].mean(), best.latent_variance)
+    assert xyz.info["MACE_OOD_selected"] == 1 and "MACE_OOD_nearest_training_id" in xyz.info
 
     book = openpyxl.load_workbook(out / "report.xlsx")
     assert {"summary", "MACE_T1__T2", "MACE_T2__T1", "skipped"} <= set(book.sheetnames)
     sheet = book["MACE_T1__T2"]
     header = [c.value for c in sheet[1]]
-    assert header[:7] == ["family", "dataset", "reference", "rank", DEFAULT_SCORE, f"{DEFAULT_SCORE}_percentile", "ood"]
+    assert header[:8] == ["family", "dataset", "reference", "rank", "selected", DEFAULT_SCORE,
+                          f"{DEFAULT_SCORE}_percentile", "ood"]
     assert "latent_variance" in header and "knn_distance" in header and "gmm_nll" in header
     assert sheet.freeze_panes == "A2" and sheet.max_row == 3
-    assert sheet["E2"].value == pytest.approx(best[DEFAULT_SCORE])
+    assert sheet["F2"].value == pytest.approx(best[DEFAULT_SCORE])
+    assert sheet["F2"].number_format == "0.00E+00" and sheet["G2"].number_format == "0.0"
+    assert sheet["H2"].value in (True, False) and sheet["H2"].data_type == "b"  # TRUE/FALSE in Excel
+    assert {"group_size", "nearest_training_id", "nearest_training_distance"} <= set(header)
 
     import gzip
     import json
@@ -154,7 +162,7 @@ def test_run_end_to_end(finished_run):
         summaries = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mace-ood-summary"])))
     assert tables and tables[0].type == "table"
     rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
-    assert [r["structure_id"] for r in rows] == list(t1_on_t2.sort_values("rank").structure_id[:2])
+    assert [r["structure_id"] for r in rows] == list(picks.structure_id)
     assert summaries and "MACE_T1 on T2" in summaries[0].data
 
     # a second run reuses every latent file (no forward pass) and gives the same scores

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
@@ -30,3 +31,79 @@ def test_bootstrap_interval_contains_the_estimate_and_keeps_strata():
     labels = np.repeat([False, True], 50)
     low, high = bootstrap_interval(roc_auc, (scores, labels), 300, strata=labels)
     assert low < roc_auc(scores, labels) < high and 0.5 < low and high < 1.0
+
+
+def forces_run(tmp_path, tiny_models):
+    """A run directory by hand: tiny models with forces on a training set D0 and a dataset D1
+    whose structures carry made-up REF_forces (so the error order is known)."""
+    import ase.io
+
+    from mace_ood.config import ExtractionSettings, ScoresConfig
+    from mace_ood.extract.stream import extract_to_netcdf
+    from mace_ood.records import EvaluationPlan
+    from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+    from mace_ood.testing import random_structures
+
+    rng = np.random.default_rng(7)
+    settings = ExtractionSettings(device="cpu", forces=True, chunk_atoms=64)
+    evaluations = []
+    for dataset, n, seed in (("D0", 12, 1), ("D1", 8, 2)):
+        structures = random_structures(n, seed=seed)
+        for atoms in structures:
+            atoms.arrays["REF_forces"] = rng.normal(scale=rng.uniform(0.1, 3.0), size=(len(atoms), 3))
+        path = tmp_path / f"{dataset}.extxyz"
+        ase.io.write(path, structures)
+        latent_paths = tuple(
+            extract_to_netcdf(m, [str(path)], tmp_path / "latents" / dataset / f"seed-{i}.nc", settings).path
+            for i, m in enumerate(tiny_models["T1"])
+        )
+        evaluations.append(EvaluationPlan("F", dataset, dataset == "D0", latent_paths))
+    reference = fit_family_reference(evaluations[0], tmp_path, ScoresConfig(gmm_components=[1]))
+    for evaluation in evaluations:
+        score_evaluation(evaluation, tmp_path, 64, reference)
+    return evaluations
+
+
+def test_force_errors_are_joined_to_their_own_structures(tmp_path, tiny_models):
+    """Regression: errors came back in file order and were assigned to rows sorted by rank."""
+    import ase.io
+
+    from mace_ood.evaluate import evaluate_run, evaluation_data
+
+    evaluations = forces_run(tmp_path, tiny_models)
+    data = evaluation_data(tmp_path)
+    # independent reference: ensemble-mean forces read from the seed files, against REF_forces
+    expected = {}
+    for evaluation in evaluations:
+        seeds = [xr.open_dataset(p) for p in evaluation.latent_paths]
+        mean = np.mean([ds["forces"].values for ds in seeds], axis=0)
+        ids, offsets = seeds[0]["structure_id"].values.astype(str), seeds[0]["atom_offset"].values
+        for ds in seeds:
+            ds.close()
+        frames = ase.io.read(tmp_path / f"{evaluation.dataset}.extxyz", ":")
+        for sid, offset, atoms in zip(ids, offsets, frames, strict=True):
+            diff = mean[offset : offset + len(atoms)] - atoms.arrays["REF_forces"]
+            expected[sid] = np.sqrt(np.mean(diff**2))
+    got = dict(zip(data["structure_id"], data["force_rmse"], strict=True))
+    assert len(got) == 8 + 2  # D1 and the held-out part of D0 (the fit part is dropped)
+    for sid, value in got.items():
+        assert value == pytest.approx(expected[sid], rel=1e-9), sid
+    # the test means something only if the score's rank order is not the file order
+    d1 = data[data.dataset == "D1"]
+    assert list(d1["structure_id"]) != list(d1.sort_values("latent_variance", ascending=False)["structure_id"])
+    table = evaluate_run(tmp_path, n_resamples=20)
+    assert set(table.columns) == {"family", "dataset", "score", "metric", "value", "ci_low", "ci_high", "n"}
+    assert {"D1", "all"} <= set(table["dataset"])
+    roc = table[(table.metric == "roc_auc_ood_vs_in_distribution") & (table.dataset == "D1")]
+    assert set(roc["n"]) == {10}  # 8 OOD structures against the 2 held-out training structures
+
+
+def test_labels_file_overrides_per_structure(tmp_path):
+    from mace_ood.evaluate import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("structure_id,is_ood\na,true\nb,0\nc,FALSE\n")
+    assert read_labels(path) == {"a": True, "b": False, "c": False}
+    path.write_text("structure_id,ood\na,true\n")
+    with pytest.raises(ValueError, match="is_ood"):
+        read_labels(path)

@@ -16,6 +16,7 @@ from mace_ood.cli.types import (
     DeploymentName,
     DeviceOption,
     ForcesKey,
+    Labels,
     NBootstrap,
     OutputDir,
     Refresh,
@@ -159,14 +160,16 @@ def evaluate(
     run_dir: RunDirArg,
     n_bootstrap: NBootstrap = 1000,
     forces_key: ForcesKey = "REF_forces",
+    labels: Labels = None,
 ) -> None:
     """How well each score finds OOD structures: ROC-AUC and rank correlation with the force error."""
-    from mace_ood.evaluate import evaluate_run, plot_evaluation
+    from mace_ood.evaluate import evaluate_run, plot_evaluation, read_labels
     from mace_ood.files import write_csv
 
     try:
-        table = evaluate_run(run_dir, n_bootstrap, forces_key)
-    except FileNotFoundError as exc:
+        structure_labels = read_labels(labels) if labels else None
+        table = evaluate_run(run_dir, n_bootstrap, forces_key, labels=structure_labels)
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     csv = write_csv(table, Path(run_dir) / "evaluation.csv")
     png = plot_evaluation(table, Path(run_dir) / "evaluation.png") if len(table) else None
@@ -175,14 +178,17 @@ def evaluate(
 
 
 def format_evaluation(table) -> str:
-    """A markdown table: one row per score, one column per (family, metric)."""
+    """A markdown table: one row per score, one column per (family, dataset, metric)."""
     if table.empty:
         return "nothing to evaluate: no reference forces and no in/out-of-distribution labels"
+    short = {"roc_auc_ood_vs_in_distribution": "ROC-AUC", "spearman_vs_force_rmse": "Spearman"}
     cells = table.assign(
         cell=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(table.value, table.ci_low, table.ci_high, strict=True)],
-        column=table.family + " " + table.metric.str.replace("_", " "),
-    ).pivot(index="score", columns="column", values="cell")
-    cells = cells.reindex([s for s in dict.fromkeys(table.score)])
+        column=table.family + " on " + table.dataset + " " + table.metric.map(short),
+    )
+    columns = list(dict.fromkeys(cells.column))
+    cells = cells.pivot(index="score", columns="column", values="cell").reindex(columns=columns)
+    cells = cells.reindex([s for s in dict.fromkeys(table.score)]).fillna("")
     header = "| score | " + " | ".join(cells.columns) + " |"
     lines = [header, "|" + "---|" * (len(cells.columns) + 1)]
     lines += ["| " + score + " | " + " | ".join(str(v) for v in row) + " |" for score, row in cells.iterrows()]

@@ -34,6 +34,9 @@ Score = Annotated[ScoreName | None, typer.Option(*spellings("score"), help="Rank
 Refresh = Annotated[bool, typer.Option("--refresh", help="Recompute all latents (no reuse, resume or copies).")]
 NBootstrap = Annotated[int, typer.Option(*spellings("n_bootstrap"), help="Bootstrap resamples for the 95% intervals.")]
 ForcesKey = Annotated[str, typer.Option(*spellings("forces_key"), help="atoms.arrays key of the reference forces.")]
+Labels = Annotated[
+    Path | None, typer.Option("--labels", help="CSV of structure_id,is_ood: per-structure OOD labels for evaluate.")
+]
 DeploymentName = Annotated[str, typer.Option("--name", help="Deployment name.")]
 Cron = Annotated[str | None, typer.Option("--cron", help='Schedule, e.g. "0 3 * * *" for 03:00 daily.')]
 Workdir = Annotated[Path, typer.Option("--workdir", help="Where the demo data, config and run go.")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +15,16 @@ from mace_ood.report.chemiscope import write_chemiscope
 from mace_ood.report.excel import write_excel
 from mace_ood.report.plots import plot_latent_pca, plot_score_histograms
 from mace_ood.report.structures import write_selected
-from mace_ood.report.tables import evaluation_table, order_columns
-from mace_ood.score.calibrate import add_percentiles, reference_evaluation
-from mace_ood.select.top import select_top
+from mace_ood.report.tables import evaluation_table, order_columns, rank_table, read_descriptors
+from mace_ood.score.calibrate import (
+    add_percentiles,
+    calibration_mask,
+    combined_components,
+    reference_evaluation,
+)
+from mace_ood.select.batch import select_structures
+
+log = logging.getLogger(__name__)
 
 
 def build_report(
@@ -25,22 +33,37 @@ def build_report(
     score_files: list[str],
     skipped: list[SkippedStructure],
 ) -> ReportResult:
-    """scores.csv, top-K CIF/extxyz, skipped.csv and report.xlsx; returns paths and top rows."""
+    """Calibrate, select and write: scores.csv, the selected CIF/extxyz, skipped.csv, report.xlsx,
+    plots and chemiscope files; returns paths, one summary per evaluation and the first picks."""
     output_dir = Path(config.output_dir)
     selected, summary_rows = {}, []
-    top_k = config.select.top_k
     score = config.select.score
+    files = dict(zip([e.label for e in evaluations], score_files, strict=True))
     by_label = {
-        e.label: evaluation_table(path, e.family, e.dataset, e.reference, score, config.metadata.patterns)
-        for e, path in zip(evaluations, score_files, strict=True)
+        e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, config.metadata.patterns)
+        for e in evaluations
     }
     add_percentiles(by_label, evaluations, config.select)
-    shown = [(e, p) for e, p in zip(evaluations, score_files, strict=True) if e.shown]
-    tables = [by_label[e.label] for e, _ in shown]
-    for evaluation, path in shown:
+    if score not in next(iter(by_label.values())).columns:
+        raise ValueError(f"select.score {score!r} was not computed in this run")
+    by_label = {label: rank_table(table, score) for label, table in by_label.items()}
+    shown = [e for e in evaluations if e.shown]
+    for evaluation in shown:
         table = by_label[evaluation.label]
-        top = write_selected(select_top(table, top_k), path, top_dir(output_dir, evaluation.label), score)
-        selected[evaluation.label] = order_columns(top, score)
+        own = reference_evaluation(evaluations, evaluation.family)
+        training = by_label[own.label]
+        selection = select_structures(
+            table, config.select, read_descriptors(files[evaluation.label], table["structure_id"]),
+            read_descriptors(files[own.label], training["structure_id"]), training["structure_id"].to_numpy(),
+            reference=evaluation.reference,
+        )
+        table["selected"] = pd.Series(
+            selection.rows["selected"].to_numpy(), index=selection.rows.index
+        ).reindex(table.index).astype("Int64")
+        written = write_selected(selection.rows, files[evaluation.label], top_dir(output_dir, evaluation.label), score)
+        selected[evaluation.label] = order_columns(written, score)
+        if selection.note:
+            log.warning("%s: %s", evaluation.label, selection.note)
         summary_rows.append({
             "evaluation": evaluation.label,
             "family": evaluation.family,
@@ -53,9 +76,16 @@ def build_report(
             "max_score": float(table[score].max()),
             "n_ood": int(table["ood"].sum()),
             "ood_percentile": config.select.ood_percentile,
+            "n_calibration": int(calibration_mask(training).sum()),
+            "combined_of": ",".join(combined_components(training, config.select)),
+            "strategy": selection.strategy,
+            "n_selected": len(selection.rows),
+            "n_selected_ood": int(selection.rows["ood"].sum()),
+            "selection_note": selection.note,
             "top_structure": table.iloc[0]["structure_id"],
             "top_dir": str(top_dir(output_dir, evaluation.label)),
         })
+    tables = [by_label[e.label] for e in shown]
     all_scores = order_columns(pd.concat(tables, ignore_index=True), score)
     skipped_frame = pd.DataFrame(
         skipped, columns=["family", "seed", "dataset", "structure_id", "source_file", "frame_index", "reason"]
@@ -73,22 +103,25 @@ def build_report(
         "skipped_csv": str(write_csv(skipped_frame, output_dir / "skipped.csv")),
         "report_xlsx": str(write_excel(output_dir / "report.xlsx", summary, selected, skipped_frame, score)),
     }
-    for evaluation, path in shown:
+    for evaluation in shown:
         reference = reference_evaluation(evaluations, evaluation.family)
         title = f"{evaluation.family} on {evaluation.dataset}"
         plot_latent_pca(
-            evaluation.latent_paths[0], reference.latent_paths[0], path, score,
+            evaluation.latent_paths[0], reference.latent_paths[0], files[evaluation.label], score,
             latent_pca_plot_path(output_dir, evaluation.label), title,
         )
         write_chemiscope(
-            by_label[evaluation.label], path, evaluation.latent_paths[0],
+            by_label[evaluation.label], files[evaluation.label], evaluation.latent_paths[0],
             chemiscope_path(output_dir, evaluation.label), score,
         )
     paths["latent_pca_plots"] = str(output_dir / "plots")
     paths["chemiscope"] = str(output_dir / "chemiscope")
+    calibration = []
+    for evaluation in shown:
+        training = by_label[reference_evaluation(evaluations, evaluation.family).label]
+        calibration.append(training[calibration_mask(training)])
     plot = plot_score_histograms(
-        tables, [by_label[reference_evaluation(evaluations, e.family).label] for e, _ in shown],
-        score, config.select.ood_percentile, histogram_path(output_dir, score),
+        tables, calibration, score, config.select.ood_percentile, histogram_path(output_dir, score),
     )
     if plot:
         paths["histogram_png"] = plot
@@ -96,7 +129,8 @@ def build_report(
         "paths": paths,
         "summary": summary.to_dict(orient="records"),
         "top": {
-            label: frame.head(5)[["rank", score, f"{score}_percentile", "ood", "structure_id", "formula", "n_atoms"]]
+            label: frame.head(5)[["selected", "rank", score, f"{score}_percentile", "ood", "structure_id", "formula",
+                                  "n_atoms", "group_size", "nearest_training_id"]]
             .rename(columns={score: "score", f"{score}_percentile": "percentile"}).to_dict(orient="records")
             for label, frame in selected.items()
         },
@@ -104,20 +138,23 @@ def build_report(
 
 
 def format_summary(result: ReportResult) -> str:
-    """Terminal summary: top 5 per evaluation and where the files are."""
+    """Terminal summary: the first 5 picks per evaluation and where the files are."""
     lines = []
     for row in result["summary"]:
-        ref = " (in-distribution reference)" if row["reference"] else ""
+        ref = " (own training set)" if row["reference"] else ""
         lines.append(
             f"\n{row['family']} -> {row['dataset']}{ref}: {row['n_structures']} structures, "
             f"{row['n_atoms']} atoms; {row['n_ood']} above the {row['ood_percentile']:g}th percentile "
-            f"of the training set ({row['score']})"
+            f"of the held-out training structures ({row['score']}); {row['strategy']} selection of "
+            f"{row['n_selected']}"
         )
-        lines.append(f"  {'rank':>4}  {row['score']:>15}  {'pctl':>6}  {'n_atoms':>7}  structure")
+        if row.get("selection_note"):
+            lines.append(f"  note: {row['selection_note']}")
+        lines.append(f"  {'pick':>4}  {'rank':>4}  {row['score']:>15}  {'pctl':>6}  {'n_atoms':>7}  structure")
         for top in result["top"][row["evaluation"]]:
             lines.append(
-                f"  {top['rank']:>4}  {top['score']:>15.4e}  {top['percentile']:>6.1f}  {top['n_atoms']:>7}  "
-                f"{top['structure_id']} ({top['formula']})"
+                f"  {top['selected']:>4}  {top['rank']:>4}  {top['score']:>15.4e}  {top['percentile']:>6.1f}  "
+                f"{top['n_atoms']:>7}  {top['structure_id']} ({top['formula']})"
             )
         lines.append(f"  files: {row['top_dir']}")
     lines.append("")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from mace_ood.files import atomic_path
+from mace_ood.score.compute import ALL_SCORES
 
 
 def sheet_name(text: str, taken: set[str]) -> str:
@@ -18,6 +19,19 @@ def sheet_name(text: str, taken: set[str]) -> str:
         name, n = base[: 31 - len(suffix)] + suffix, n + 1
     taken.add(name)
     return name
+
+
+SCORE_FORMAT = "0.00E+00"  # 3 significant digits
+PERCENTILE_FORMAT = "0.0"
+
+
+def column_number_format(column: str) -> str | None:
+    """Scores with 3 significant digits, percentiles with 1 decimal; flags stay booleans (TRUE/FALSE)."""
+    if column.endswith("_percentile") or column == "ood_percentile":
+        return PERCENTILE_FORMAT
+    if column in ALL_SCORES or column in ("median_score", "max_score", "nearest_training_distance"):
+        return SCORE_FORMAT
+    return None
 
 
 def write_excel(
@@ -47,6 +61,11 @@ def write_excel(
             )
         for cell in sheet[1]:
             cell.font = cell.font.copy(bold=True)
+        for index, column in enumerate(frame.columns, start=1):
+            number_format = column_number_format(str(column))
+            if number_format:
+                for (cell,) in sheet.iter_rows(min_row=2, min_col=index, max_col=index, max_row=len(frame) + 1):
+                    cell.number_format = number_format
 
     taken: set[str] = set()
     with atomic_path(path) as tmp:

@@ -9,7 +9,7 @@ import pandas as pd
 import xarray as xr
 
 from mace_ood.files import pyplot, save_figure
-from mace_ood.report.tables import PER_ATOM_OF
+from mace_ood.report.tables import per_atom_name
 from mace_ood.score.reference import sample_atoms
 
 
@@ -40,7 +40,7 @@ def plot_latent_pca(
     with xr.open_dataset(reference_file) as ds:
         n_reference = ds.sizes["atom"]
     with xr.open_dataset(scores_file) as ds:
-        per_atom = ds[f"atom_{PER_ATOM_OF.get(score, score)}"].values
+        per_atom = ds[f"atom_{per_atom_name(score)}"].values
     reference = seed0_latents(reference_file, sample_atoms(n_reference, max_atoms, 0))
     index = sample_atoms(len(per_atom), max_atoms, 1)
     latents = seed0_latents(latent_file, index)
@@ -51,7 +51,7 @@ def plot_latent_pca(
     xy = (latents - mean) @ axes
     order = np.argsort(per_atom[index])
     points = ax.scatter(xy[order, 0], xy[order, 1], s=6, c=per_atom[index][order], cmap="magma_r", rasterized=True)
-    fig.colorbar(points, ax=ax, label=f"per-atom {PER_ATOM_OF.get(score, score)}")
+    fig.colorbar(points, ax=ax, label=f"per-atom {per_atom_name(score)}")
     ax.set_xlabel("latent PC1 (training set)")
     ax.set_ylabel("latent PC2 (training set)")
     ax.set_title(title, fontsize=10)

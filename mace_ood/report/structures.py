@@ -11,7 +11,7 @@ import pandas as pd
 import xarray as xr
 
 from mace_ood.files import atomic_path
-from mace_ood.report.tables import PER_ATOM_OF, per_atom_scores, selected_atom_index
+from mace_ood.report.tables import per_atom_name, per_atom_scores, selected_atom_index
 from mace_ood.structures import read_structures
 
 VACUUM_BOX_A = 10.0
@@ -19,6 +19,28 @@ VACUUM_BOX_A = 10.0
 
 def safe_name(text: str, limit: int = 80) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_")[:limit] or "structure"
+
+
+def pick_tags(row: dict, score: str) -> dict:
+    """What a selected structure's files record about the pick (present fields only)."""
+    tags = {score: float(row[score]), "rank": int(row["rank"])}
+    for name in ("selected", "group_size"):
+        if name in row and pd.notna(row[name]):
+            tags[name] = int(row[name])
+    if row.get("nearest_training_id"):
+        tags["nearest_training_id"] = str(row["nearest_training_id"])
+        tags["nearest_training_distance"] = float(row["nearest_training_distance"])
+    return tags
+
+
+def add_cif_tags(path: Path, tags: dict) -> None:
+    """Add ``_mace_ood_<name>`` data items after the CIF's ``data_`` line (read back by
+    ``ase.io.read(..., store_tags=True)``)."""
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("data_")) + 1
+    items = [f"_mace_ood_{name} {value!r}\n" if isinstance(value, str) else f"_mace_ood_{name} {value}\n"
+             for name, value in tags.items()]
+    path.write_text("".join(lines[:at] + ["\n", *items] + lines[at:]))
 
 
 def write_selected(
@@ -36,7 +58,7 @@ def write_selected(
     selected = selected.copy()
     width = max(2, len(str(len(selected))))
     cif_paths, xyz_paths, worst_atoms = [], [], []
-    per_atom_name = f"atom_{PER_ATOM_OF.get(score, score)}"
+    ranking_atom_score = f"MACE_OOD_{per_atom_name(score)}"
     with xr.open_dataset(scores_path, engine="netcdf4") as ds:
         counts = selected["n_atoms"].to_numpy()
         per_atom = per_atom_scores(ds, selected_atom_index(ds, selected))
@@ -45,10 +67,11 @@ def write_selected(
         for i, (row, atoms) in enumerate(zip(selected.itertuples(), structures, strict=True)):
             for name, values in per_atom.items():
                 atoms.arrays[f"MACE_OOD_{name}"] = values[bounds[i] : bounds[i + 1]]
-            atom_scores = atoms.arrays.get(f"MACE_OOD_{per_atom_name.removeprefix('atom_')}")
-            atoms.info[f"MACE_OOD_{score}"] = float(getattr(row, score))
-            atoms.info["MACE_OOD_rank"] = int(row.rank)
-            stem = f"{int(row.rank):0{width}d}_{safe_name(row.structure_id)}"
+            atom_scores = atoms.arrays.get(ranking_atom_score)
+            tags = pick_tags(row._asdict(), score)
+            atoms.info.update({f"MACE_OOD_{name}": value for name, value in tags.items()})
+            order = int(tags.get("selected", row.rank))
+            stem = f"{order:0{width}d}_{safe_name(row.structure_id)}"
             cif_atoms = atoms.copy()
             if not cif_atoms.cell.rank == 3:
                 cif_atoms.center(vacuum=VACUUM_BOX_A)
@@ -56,6 +79,7 @@ def write_selected(
             cif_path = out_dir / f"{stem}.cif"
             with atomic_path(cif_path) as tmp:
                 ase.io.write(tmp, cif_atoms, format="cif")
+                add_cif_tags(tmp, tags)
             xyz_path = out_dir / f"{stem}.extxyz"
             with atomic_path(xyz_path) as tmp:
                 ase.io.write(tmp, atoms, format="extxyz")

@@ -10,10 +10,17 @@ import pandas as pd
 import xarray as xr
 
 from mace_ood.metadata import parse_name
-from mace_ood.score.compute import ALL_SCORES
+from mace_ood.score.compute import ALL_SCORES, COMBINED_SCORE
 
 ID_COLUMNS = ["structure_id", "source_file", "frame_index", "n_atoms", "formula"]
-PER_ATOM_OF = {"force_deviation_max": "force_deviation", "force_deviation_mean": "force_deviation"}  # else same name
+COMBINED_PER_ATOM = "mahalanobis"  # the per-atom picture shown for the combined score
+
+
+def per_atom_name(score: str) -> str:
+    """The per-atom score (``atom_<name>`` in the scores file) behind a per-structure score."""
+    if score == COMBINED_SCORE:
+        return COMBINED_PER_ATOM
+    return score.removesuffix("_max").removesuffix("_mean")
 
 
 def evaluation_table(
@@ -21,10 +28,11 @@ def evaluation_table(
     family: str,
     dataset: str,
     reference: bool,
-    score: str = "latent_variance",
+    score: str | None = "latent_variance",
     patterns: list[str] | tuple[str, ...] = (),
 ) -> pd.DataFrame:
-    """One row per structure of an evaluation, every score, ranked by ``score`` (1 = most OOD)."""
+    """One row per structure of an evaluation, every score; ranked by ``score`` (1 = most OOD),
+    or in file order when ``score`` is None."""
     with xr.open_dataset(scores_path, engine="netcdf4") as ds:
         frame = pd.DataFrame({
             "structure_id": ds["structure_id"].values.astype(str),
@@ -35,12 +43,13 @@ def evaluation_table(
             "info_json": ds["info_json"].values.astype(str),
             **{name: ds[name].values for name in ALL_SCORES if name in ds},
         })
-    if score not in frame.columns:
+        if "split" in ds:
+            frame["split"] = ds["split"].values.astype(str)
+    if score is not None and score not in frame.columns:
         raise ValueError(f"{scores_path}: has no score {score!r}")
     frame.insert(0, "family", family)
     frame.insert(1, "dataset", dataset)
     frame.insert(2, "reference", reference)
-    frame["rank"] = frame[score].rank(ascending=False, method="first").astype(int)
     metadata = [
         {**json.loads(info), **parse_name(sid, patterns)}
         for sid, info in zip(frame["structure_id"], frame["info_json"], strict=True)
@@ -49,13 +58,32 @@ def evaluation_table(
     meta = pd.DataFrame(metadata, index=frame.index)
     meta = meta[[c for c in meta.columns if c not in frame.columns]]
     frame = pd.concat([frame, meta], axis=1)
+    return rank_table(frame, score) if score is not None else frame
+
+
+def rank_table(frame: pd.DataFrame, score: str) -> pd.DataFrame:
+    """``rank`` by ``score`` (1 = highest), rows sorted by it."""
+    frame = frame.copy()
+    frame["rank"] = frame[score].rank(ascending=False, method="first").astype(int)
     first = ["family", "dataset", "reference", "rank", score, *ID_COLUMNS]
     return frame[first + [c for c in frame.columns if c not in first]].sort_values("rank").reset_index(drop=True)
 
 
+def read_descriptors(scores_path: str | Path, structure_ids: pd.Series | None = None) -> np.ndarray | None:
+    """The structures' ``descriptor`` rows (float32), in the order of ``structure_ids`` (default: file order)."""
+    with xr.open_dataset(scores_path, engine="netcdf4") as ds:
+        if "descriptor" not in ds:
+            return None
+        values = np.asarray(ds["descriptor"].values, dtype=np.float32)
+        ids = ds["structure_id"].values.astype(str)
+    if structure_ids is None:
+        return values
+    return values[pd.Index(ids).get_indexer(structure_ids)]
+
+
 def order_columns(frame: pd.DataFrame, score: str) -> pd.DataFrame:
     """Report column order: ids, the ranking score, its percentile and flag, other scores, metadata."""
-    first = ["family", "dataset", "reference", "rank", score, f"{score}_percentile", "ood", *ID_COLUMNS]
+    first = ["family", "dataset", "reference", "rank", "selected", score, f"{score}_percentile", "ood", *ID_COLUMNS]
     scores = [c for name in ALL_SCORES if name != score for c in (name, f"{name}_percentile")]
     ordered = [c for c in first + scores if c in frame.columns]
     return frame[ordered + [c for c in frame.columns if c not in ordered]]

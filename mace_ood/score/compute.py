@@ -21,8 +21,11 @@ Per atom, for S seeds with latents z_s (F channels):
 - ``force_deviation``: sqrt(mean_s ||F_s - mean_s F_s||^2) (DP-GEN), when forces were stored.
 - ``energy_std_per_atom``: per atom, the std over seeds of the atom's energy contribution.
 
-Per structure: the mean over its atoms of each per-atom score, except ``force_deviation_max``
-(the max) and ``energy_std_per_atom`` (std over seeds of E_s / n_atoms).
+Per structure: ``<score>`` is the mean over its atoms of each per-atom score and
+``<score>_max`` the max (a vacancy or a surface is a few unusual atoms among many);
+``force_deviation_mean``/``_max`` likewise; ``energy_std_per_atom`` is the std over seeds
+of E_s / n_atoms. ``descriptor`` (structure, feature) is the structure's mean aligned latent
+(seed-averaged, in seed 0's frame): what the diverse selection measures distances in.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from mace_ood.config import ForceScoreName, LatentScoreName
+from mace_ood.config import CombinedScoreName, ForceScoreName, LatentScoreName
 from mace_ood.extract.store import STRUCTURE_FIELDS
 from mace_ood.score.kernels import (
     force_deviation,
@@ -46,8 +49,15 @@ from mace_ood.score.reference import FamilyReference
 
 LATENT_SCORES: tuple[str, ...] = get_args(LatentScoreName)
 FORCE_SCORES: tuple[str, ...] = get_args(ForceScoreName)
-ALL_SCORES = LATENT_SCORES + FORCE_SCORES
+COMBINED_SCORE: str = get_args(CombinedScoreName)[0]
+ALL_SCORES = LATENT_SCORES + FORCE_SCORES + (COMBINED_SCORE,)
 REFERENCE_SCORES = ("aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll")
+
+
+def _aligned_mean_block(block: np.ndarray, reference: FamilyReference) -> np.ndarray:
+    """(S, n, F) latents -> (n, F): the seed average of the aligned latents (z_s - mu_s) Q_s."""
+    block = np.asarray(block, dtype=np.float64)
+    return np.mean([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)], axis=0)
 
 
 def _reference_block(block: np.ndarray, reference: FamilyReference) -> np.ndarray:
@@ -74,13 +84,23 @@ def atom_latent_variance(latent: xr.DataArray) -> xr.DataArray:
 
 
 def structure_mean(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
-    """Mean of a per-atom array over each structure's contiguous atom range, lazily."""
+    """Mean of a per-atom array (atom, ...) over each structure's contiguous atom range, lazily."""
     values = per_atom.data
-    running = da.concatenate([da.zeros(1, dtype=values.dtype), da.cumsum(values)])
+    running = da.concatenate([da.zeros((1, *values.shape[1:]), dtype=values.dtype), da.cumsum(values, axis=0)])
     starts = np.asarray(atom_offset, dtype=np.int64)
     stops = starts + np.asarray(n_atoms, dtype=np.int64)
     sums = running[stops] - running[starts]
-    return xr.DataArray(sums / np.asarray(n_atoms), dims=("structure",))
+    counts = np.asarray(n_atoms).reshape((-1,) + (1,) * (values.ndim - 1))
+    return xr.DataArray(sums / counts, dims=("structure", *per_atom.dims[1:]))
+
+
+def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
+    """Max of a 1-D per-atom array over each structure, lazily (one chunk of 8 bytes per atom)."""
+    one_chunk = per_atom.data.rechunk(-1)
+    return xr.DataArray(
+        one_chunk.map_blocks(structure_max, atom_offset, n_atoms, chunks=(len(n_atoms),), dtype=np.float64),
+        dims=("structure",),
+    )
 
 
 def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr.Dataset:
@@ -101,6 +121,11 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
         )
         for i, name in enumerate(REFERENCE_SCORES):
             per_atom[name] = xr.DataArray(blocks[i], dims=("atom",))
+        aligned_mean = da.map_blocks(
+            _aligned_mean_block, data, reference, drop_axis=0, chunks=(data.chunks[1], data.chunks[2]),
+            dtype=np.float64,
+        )
+        out["descriptor"] = structure_mean(xr.DataArray(aligned_mean, dims=("atom", "feature")), offsets, counts)
     if "forces" in latents:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(
@@ -110,12 +135,8 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
         out[f"atom_{name}"] = values
         key = "force_deviation_mean" if name == "force_deviation" else name
         out[key] = structure_mean(values, offsets, counts)
+        out[f"{name}_max"] = lazy_structure_max(values, offsets, counts)
     if "forces" in latents:
-        per_atom_one_chunk = out["atom_force_deviation"].data.rechunk(-1)  # 1-D: 8 bytes per atom
-        out["force_deviation_max"] = xr.DataArray(
-            per_atom_one_chunk.map_blocks(structure_max, offsets, counts, chunks=(len(counts),), dtype=np.float64),
-            dims=("structure",),
-        )
         energy = latents["energy"].values  # (seed, structure): small
         out["energy_std_per_atom"] = ("structure", energy.std(axis=0) / counts)
         node_energy = latents["node_energy"].transpose("seed", "atom").data.rechunk({0: -1})

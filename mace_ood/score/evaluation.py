@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from mace_ood.config import ScoresConfig
@@ -13,16 +15,36 @@ from mace_ood.paths import reference_path, scores_path
 from mace_ood.records import EvaluationPlan
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.latents import open_latents
-from mace_ood.score.reference import FamilyReference, fit_reference
+from mace_ood.score.reference import (
+    MIN_STRUCTURES_TO_SPLIT,
+    FamilyReference,
+    fit_reference,
+    split_structures,
+    structure_atom_rows,
+)
+
+log = logging.getLogger(__name__)
 
 
 def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, scores: ScoresConfig) -> str:
-    """Fit the family's reference (alignment, covariance, GMM, k-NN sample) on its own training set."""
+    """Fit the family's reference (alignment, covariance, GMM, k-NN sample) on the fit part of its
+    own training set; the calibration part's structure ids are stored with it."""
     with open_latents(list(evaluation.latent_paths)) as latents:
+        ids = latents["structure_id"].values.astype(str)
+        held_out = split_structures(len(ids), scores.calibration_fraction, scores.split_seed)
+        if not held_out.any():
+            log.warning(
+                "%s: only %d training structures (< %d): the reference is calibrated on the data it was "
+                "fitted on, so percentiles and the ood flag are optimistic", evaluation.family, len(ids),
+                MIN_STRUCTURES_TO_SPLIT,
+            )
+        fit_rows = structure_atom_rows(latents["atom_offset"].values, latents["n_atoms"].values, ~held_out)
         reference = fit_reference(
             latents["latent"], max_atoms=scores.reference_max_atoms, knn_k=scores.knn_k, ridge=scores.ridge,
-            gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms,
+            gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms, atoms=fit_rows,
         )
+    reference.calibration_ids = list(ids[held_out]) if held_out.any() else list(ids)
+    reference.calibration_in_sample = not held_out.any()
     return str(reference.save(reference_path(output_dir, evaluation.family)))
 
 
@@ -40,6 +62,13 @@ def score_evaluation(
     reference = FamilyReference.load(reference_file) if reference_file else None
     with open_latents(list(evaluation.latent_paths), chunk_atoms=chunk_atoms) as latents:
         scores = compute_scores(latents, reference)
+        if evaluation.reference and reference is not None:
+            ids = scores["structure_id"].values.astype(str)
+            held_out = set(reference.calibration_ids)
+            split = ["calibration" if i in held_out else "fit" for i in ids]
+            if reference.calibration_in_sample:
+                split = ["fit+calibration"] * len(ids)
+            scores["split"] = ("structure", np.array(split, dtype=object))
         scores.attrs.update({
             "family": evaluation.family, "dataset": evaluation.dataset,
             "reference": int(evaluation.reference), "seed_files": json.dumps(evaluation.latent_paths),

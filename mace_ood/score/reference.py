@@ -1,8 +1,10 @@
 """What a family's own training set looks like in latent space, per seed.
 
-Fitted once per family on the latents of the family scoring its own training set (the
-in-distribution reference), on a random subsample of atoms, and saved beside the
-latents. Used by the reference-based scores in :mod:`mace_ood.score.compute`.
+Fitted once per family on the latents of the family scoring its own training set, on a
+random subsample of the atoms of the *fit* part of a structure-level split; the other part
+(*calibration*) is never seen by the fit and is what percentiles, the ``ood`` threshold and
+the combined score are calibrated on. Saved beside the latents; used by the
+reference-based scores in :mod:`mace_ood.score.compute`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class FamilyReference:
     n_reference_atoms: int
     knn_k: int
     settings: dict = field(default_factory=dict)
+    calibration_ids: list[str] = field(default_factory=list)  # training structures held out of the fit
+    calibration_in_sample: bool = False  # too few structures to split: calibrated on fit data
 
     def save(self, path: str | Path) -> Path:
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -80,6 +84,29 @@ def fit_gmm(sample: np.ndarray, components: tuple[int, ...], max_atoms: int, see
     return best
 
 
+MIN_STRUCTURES_TO_SPLIT = 10
+
+
+def split_structures(n_structures: int, calibration_fraction: float, seed: int) -> np.ndarray:
+    """True for the structures held out for calibration: a seeded random ``calibration_fraction``
+    (at least 2 structures, and at least 2 left to fit). With fewer than ``MIN_STRUCTURES_TO_SPLIT``
+    structures nothing is held out (all False): calibration is then in-sample, and said so."""
+    held_out = np.zeros(n_structures, dtype=bool)
+    if n_structures < MIN_STRUCTURES_TO_SPLIT:
+        return held_out
+    n_calibration = min(max(2, round(calibration_fraction * n_structures)), n_structures - 2)
+    held_out[np.random.default_rng(seed).choice(n_structures, n_calibration, replace=False)] = True
+    return held_out
+
+
+def structure_atom_rows(atom_offset: np.ndarray, n_atoms: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Atom rows of the structures selected by the boolean mask ``which``, in file order."""
+    starts, counts = np.asarray(atom_offset)[which], np.asarray(n_atoms)[which]
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in zip(starts, counts, strict=True)])
+
+
 def sample_atoms(n_atoms: int, max_atoms: int, seed: int) -> np.ndarray:
     if n_atoms <= max_atoms:
         return np.arange(n_atoms)
@@ -94,6 +121,7 @@ def fit_reference(
     gmm_components: tuple[int, ...] = (1, 2, 4, 8),
     gmm_max_atoms: int = 5000,
     seed: int = 0,
+    atoms: np.ndarray | None = None,
 ) -> FamilyReference:
     """Fit per-seed reference statistics on a subsample of the reference latents.
 
@@ -104,9 +132,12 @@ def fit_reference(
         only the sampled atoms are read).
     max_atoms
         Atoms sampled (the same atoms for every seed) for all statistics and k-NN.
+    atoms
+        The atom rows the fit may use (the fit part of the split); default all.
     """
-    n_atoms = latent.sizes["atom"]
-    index = sample_atoms(n_atoms, max_atoms, seed)
+    pool = np.arange(latent.sizes["atom"]) if atoms is None else np.asarray(atoms, dtype=np.int64)
+    n_atoms = len(pool)
+    index = pool[sample_atoms(n_atoms, max_atoms, seed)]
     samples = np.asarray(latent.isel(atom=index).transpose("seed", "atom", "feature").values, dtype=np.float64)
     centred0 = samples[0] - samples[0].mean(axis=0)
     seeds = []
