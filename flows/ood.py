@@ -17,6 +17,7 @@ from mace_ood.cluster import (
     worker_environment,
 )
 from mace_ood.config import DaskConfig, ExtractionSettings, RunConfig
+from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.plan import plan_run
 from mace_ood.records import ExtractionJob, ExtractionResult, ReportResult
@@ -76,6 +77,8 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
         if n_gpus > 1 and importlib.util.find_spec("dask_cuda") is not None:
             # dask-cuda pins one GPU per worker (CUDA_VISIBLE_DEVICES) and knows GPU topology
             cluster_kwargs.pop("processes")  # LocalCUDACluster always runs worker processes
+            # it rotates CUDA_VISIBLE_DEVICES: each worker's own GPU is its first visible one
+            cluster_kwargs["env"] = {**cluster_kwargs["env"], PINNED_ENV: "1"}
             return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster_kwargs), True
     return DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus)
 

@@ -61,7 +61,7 @@ CombinedScoreName = Literal["combined"]
 ScoreName = Literal[LatentScoreName, ForceScoreName, CombinedScoreName]
 SelectStrategy = Literal["diverse", "top"]
 DEFAULT_COMBINED = ["mahalanobis_max", "force_deviation_mean"]  # README, "The scores": why these two
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda"]  # and cuda:N (a pattern, so not a Literal)
 DefaultDtype = Literal["float32", "float64"]
 Layers = Literal["last", "all"]
 Compression = Literal["zstd", "zlib", "none"]
@@ -182,7 +182,11 @@ class DaskConfig(_Strict):
 class ExtractionSettings(_Strict):
     """What changes the latents (or how they are stored); recorded in every latent file."""
 
-    device: Device = Field("auto", description="auto = cuda when available.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto | cpu | cuda | cuda:N. auto and cuda: each Dask worker takes its own GPU "
+        "(mace_ood.extract.devices); cuda:N pins every worker to GPU N.",
+    )
     default_dtype: DefaultDtype = Field(
         "float64", description="dtype the models are run in (always explicit)."
     )

@@ -11,7 +11,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.extract.models import worker_device
+from mace_ood.extract.devices import worker_device
 from mace_ood.extract.oom import is_out_of_memory
 from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import ExtractionJob, ExtractionResult

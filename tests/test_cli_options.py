@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mace_ood.cli import app
 from mace_ood.cli.types import spellings
-from mace_ood.config import DefaultDtype, Device, ScoreName
+from mace_ood.config import DefaultDtype, ScoreName
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def test_every_multi_word_option_has_both_spellings(command):
             assert any("_" in o[2:] for o in long_names) and any("-" in o[2:] for o in long_names), long_names
 
 
-@pytest.mark.parametrize(("flag", "literal"), [("--device", Device), ("--default_dtype", DefaultDtype), ("--score", ScoreName)])
+@pytest.mark.parametrize(("flag", "literal"), [("--default_dtype", DefaultDtype), ("--score", ScoreName)])
 def test_choices_are_the_config_literals(flag, literal, tmp_path):
     """Every value of the config's Literal parses (the run then stops at the missing config);
     anything else is refused by the option parser, before any work."""
@@ -49,7 +49,18 @@ def test_choices_are_the_config_literals(flag, literal, tmp_path):
 
 def test_help_lists_the_choices():
     result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0 and "auto|cpu|cuda" in result.output and "float32|float64" in result.output
+    assert result.exit_code == 0 and "cuda:N" in result.output and "float32|float64" in result.output
+
+
+@pytest.mark.parametrize(("device", "ok"), [("cuda:1", True), ("cpu", True), ("gpu", False), ("cuda:x", False)])
+def test_device_accepts_cuda_n_and_names_a_bad_one(project, device, ok):
+    from mace_ood.config import load_config
+
+    if ok:
+        assert load_config(project, {"device": device}).device == device
+    else:
+        result = runner.invoke(app, ["validate", str(project), "--device", device])
+        assert result.exit_code == 2 and "device" in result.output
 
 
 @pytest.mark.parametrize("flag", ["--batch_size", "--batch-size"])

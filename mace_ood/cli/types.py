@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mace_ood.config import DefaultDtype, Device, ScoreName
+from mace_ood.config import DefaultDtype, ScoreName
 
 
 def spellings(name: str) -> tuple[str, ...]:
@@ -24,7 +24,9 @@ def spellings(name: str) -> tuple[str, ...]:
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run configuration.", show_default=False)]
 RunDirArg = Annotated[Path, typer.Argument(help="A finished run's output_dir.", show_default=False)]
 OutputDir = Annotated[Path | None, typer.Option(*spellings("output_dir"), help="Override `output_dir`.")]
-DeviceOption = Annotated[Device | None, typer.Option(*spellings("device"), help="Overrides the config's device.")]
+DeviceOption = Annotated[
+    str | None, typer.Option(*spellings("device"), help="auto | cpu | cuda | cuda:N (overrides the config).")
+]
 DefaultDtypeOption = Annotated[
     DefaultDtype | None, typer.Option(*spellings("default_dtype"), help="Overrides the config's dtype.")
 ]

@@ -30,11 +30,11 @@ def sha256_of(path: str | Path, block_size: int = 1 << 20) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """`auto` becomes `cuda` when a GPU is visible, else `cpu`."""
+    """`auto` becomes `cuda` when a GPU is visible, else `cpu`; `cuda` and `cuda:N` must be visible."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device 'cuda' requested but torch sees no GPU (torch.cuda.is_available() is False)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but torch sees no GPU (torch.cuda.is_available() is False)")
     return device
 
 
@@ -136,19 +136,3 @@ def check_family(family: str, infos: list[ModelInfo]) -> None:
     hashes = [info.sha256 for info in infos]
     if len(set(hashes)) < len(hashes):
         raise ModelError(f"family {family!r}: the same model file is listed twice (identical SHA-256)")
-
-
-def worker_device(device: str) -> str:
-    """The device for this process: on a Dask worker named N with several GPUs, ``cuda:N mod GPUs``."""
-    device = resolve_device(device)
-    if device != "cuda" or torch.cuda.device_count() < 2:
-        return device
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-    except (ImportError, ValueError):
-        return device
-    if isinstance(name, int) or str(name).isdigit():
-        return f"cuda:{int(name) % torch.cuda.device_count()}"
-    return device

@@ -54,7 +54,12 @@ def write_chemiscope(
     for name, values in per_atom.items():
         properties[f"atom {name}"] = {"target": "atom", "values": values}
     environments = [(i, j, 3.5) for i, n in enumerate(counts) for j in range(int(n))]
-    settings = {"map": {"x": {"property": "latent PC1"}, "y": {"property": "latent PC2"}, "color": {"property": score}}}
+    # the file also has per-atom environments, so the viewer would target atoms unless told:
+    # the map's axes are structure properties
+    settings = {
+        "target": "structure",
+        "map": {"x": {"property": "latent PC1"}, "y": {"property": "latent PC2"}, "color": {"property": score}},
+    }
     family, dataset = rows["family"].iloc[0], rows["dataset"].iloc[0]
     with atomic_path(path) as tmp:
         gz = tmp.with_name(tmp.name + ".json.gz")

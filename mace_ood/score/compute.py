@@ -52,6 +52,19 @@ FORCE_SCORES: tuple[str, ...] = get_args(ForceScoreName)
 COMBINED_SCORE: str = get_args(CombinedScoreName)[0]
 ALL_SCORES = LATENT_SCORES + FORCE_SCORES + (COMBINED_SCORE,)
 REFERENCE_SCORES = ("aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll")
+# Units of each per-atom score (the per-structure mean and max share them). Latents have no
+# physical unit: "latent" is the unit of one latent channel.
+UNITS = {
+    "latent_variance": "latent^2", "aligned_latent_variance": "latent^2", "mahalanobis": "1",
+    "knn_distance": "latent", "gmm_nll": "nat", "force_deviation": "eV/Angstrom",
+    "energy_std_per_atom": "eV/atom", "combined": "1", "descriptor": "latent",
+}
+
+
+def units_of(name: str) -> str | None:
+    """Units of a scores-file variable (``atom_<score>``, ``<score>``, ``<score>_max``, ``_mean``)."""
+    base = name.removeprefix("atom_").removesuffix("_max").removesuffix("_mean")
+    return UNITS.get(base)
 
 
 def _aligned_mean_block(block: np.ndarray, reference: FamilyReference) -> np.ndarray:
@@ -143,6 +156,9 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
         out["atom_energy_std_per_atom"] = xr.DataArray(node_energy.std(axis=0), dims=("atom",))
     for name in STRUCTURE_FIELDS:
         out[name] = latents[name]
+    for name in out.data_vars:
+        if units_of(str(name)):
+            out[name].attrs["units"] = units_of(str(name))
     return out
 
 

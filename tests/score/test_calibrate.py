@@ -95,3 +95,5 @@ def test_per_structure_max_and_descriptor_against_loops(tmp_path):
         aligned = np.mean([(latents[s] - r.mean) @ r.rotation for s, r in enumerate(reference.seeds)], axis=0)
         expected = np.stack([aligned[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
         np.testing.assert_allclose(ds["descriptor"].values, expected, rtol=1e-9, atol=1e-12)
+        assert ds["mahalanobis_max"].attrs["units"] == "1" and ds["atom_knn_distance"].attrs["units"] == "latent"
+        assert ds["latent_variance"].attrs["units"] == "latent^2" and ds["gmm_nll"].attrs["units"] == "nat"

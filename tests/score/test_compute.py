@@ -153,4 +153,6 @@ def test_force_deviation_equals_numpy_on_a_tiny_model(tiny_models, tmp_path):
     np.testing.assert_allclose(scores["force_deviation_mean"], [d.mean() for d in per_atom], rtol=1e-8)
     np.testing.assert_allclose(scores["energy_std_per_atom"], energy_std, rtol=1e-8)
     np.testing.assert_allclose(scores["atom_energy_std_per_atom"], np.concatenate(node_std), rtol=1e-8, atol=1e-14)
+    assert scores["force_deviation_max"].attrs["units"] == "eV/Angstrom"
+    assert scores["energy_std_per_atom"].attrs["units"] == "eV/atom"
     assert isinstance(scores, xr.Dataset)
