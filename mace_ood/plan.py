@@ -83,7 +83,8 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
         for seed, info in enumerate(plan.models[family]):
             out = latent_path(output_dir, family, dataset, seed)
             plan.jobs.append(
-                ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset])
+                ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset],
+                              info["sha256"])
             )
             outputs.append(str(out))
         plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown))

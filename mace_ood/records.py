@@ -19,6 +19,7 @@ class ExtractionJob:
     files: tuple[str, ...]
     out_path: str
     n_structures: int = 0  # expected, for progress
+    model_sha256: str | None = None  # the model file's content when planned; the worker checks it
 
     @property
     def name(self) -> str:

@@ -7,6 +7,8 @@ Only load models you trust.
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -21,7 +23,14 @@ class ModelError(ValueError):
     """A model file that cannot be used; the message names the file."""
 
 
-def sha256_of(path: str | Path, block_size: int = 1 << 20) -> str:
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, computed once per process for a given (path, size, mtime)."""
+    stat = os.stat(path)
+    return _sha256_cached(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _sha256_cached(path: str, size: int, mtime_ns: int, block_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(block_size):
@@ -79,17 +88,31 @@ class ModelInfo:
         return asdict(self)
 
 
-def load_model(path: str | Path, device: str = "cpu", default_dtype: str = "float64") -> torch.nn.Module:
-    """Load a MACE model in eval mode, on ``device``, in ``default_dtype``, gradients off."""
+def load_model(
+    path: str | Path, device: str = "cpu", default_dtype: str = "float64", expected_sha256: str | None = None
+) -> torch.nn.Module:
+    """Load a MACE model in eval mode, on ``device``, in ``default_dtype``, gradients off.
+
+    With ``expected_sha256``, the bytes read are hashed and a mismatch is refused before
+    ``torch.load`` unpickles anything (the bytes checked are the bytes loaded).
+    """
     import mace  # noqa: F401  (registers the classes the pickle refers to)
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256.lower():
+            raise ModelError(
+                f"{path}: SHA-256 is {actual}, but {expected_sha256.lower()} was planned; the file changed "
+                "since the run was planned, not loading it"
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torch.load(path, map_location=device, weights_only=False)
+            model = torch.load(io.BytesIO(data), map_location=device, weights_only=False)
     except Exception as exc:
         raise ModelError(f"{path}: not a loadable MACE model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "products") or not hasattr(model, "r_max"):
@@ -102,8 +125,8 @@ def load_model(path: str | Path, device: str = "cpu", default_dtype: str = "floa
 
 @lru_cache(maxsize=8)
 def cached_model(path: str, device: str, default_dtype: str, sha256: str) -> torch.nn.Module:
-    """One load per worker process per (file content, device, dtype)."""
-    return load_model(path, device, default_dtype)
+    """One load per worker process per (file content, device, dtype); the content is verified."""
+    return load_model(path, device, default_dtype, expected_sha256=sha256)
 
 
 def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:

@@ -45,6 +45,9 @@ class LatentExtractor:
     max_atoms_per_forward
         Injectable memory budget: a forward pass over more atoms raises the same
         out-of-memory error a GPU would. ``None``: no budget.
+    expected_sha256
+        The model file's planned SHA-256: the bytes loaded must have it (default: whatever the
+        file holds now).
     compute_forces
         Also return forces, per-atom energies and the energy from the same forward pass
         (needs autograd: roughly 2-3x the cost and memory of a latent-only pass).
@@ -58,13 +61,14 @@ class LatentExtractor:
         layers: str = "last",
         max_atoms_per_forward: int | None = None,
         compute_forces: bool = False,
+        expected_sha256: str | None = None,
     ) -> None:
         import mace.data
         from mace.tools import AtomicNumberTable
 
         self._mace_data = mace.data
         self.model_path = str(model_path)
-        self.model_sha256 = sha256_of(model_path)
+        self.model_sha256 = expected_sha256 or sha256_of(model_path)
         self.device = resolve_device(device)
         self.default_dtype = default_dtype
         self.dtype = DTYPES[default_dtype]

@@ -85,6 +85,7 @@ class LatentWriter:
         self.on_durable = on_durable
         self._buffer: dict[str, list[np.ndarray]] = {}
         self._buffered = 0
+        self._durable_atoms, self._durable_tag, self._reported = 0, None, -1
         self._meta: list[dict[str, Any]] = []
         if resume_from is not None:
             self._open_for_resume(*resume_from)
@@ -141,6 +142,11 @@ class LatentWriter:
     def n_structures(self) -> int:
         return self._written_structures + len(self._meta)
 
+    def written_ids(self) -> list[str]:
+        """Structure ids already in the file or its buffer (what a resumed run has done)."""
+        on_disk = [str(i) for i in self._ds["structure_id"][: self._written_structures]] if self._written_structures else []
+        return on_disk + [m["structure_id"] for m in self._meta]
+
     def append(
         self,
         structure_id: str,
@@ -184,7 +190,7 @@ class LatentWriter:
     def checkpoint(self) -> None:
         """Write everything appended so far (a partial chunk too) and make it durable."""
         self._flush()
-        self._make_durable()
+        self._report_durable()
 
     def _make_durable(self) -> None:
         """Write the tables of the structures whose atoms are all on disk, sync, and report."""
@@ -195,9 +201,14 @@ class LatentWriter:
             n_whole += 1
         if n_whole:
             self._write_meta(n_whole)
-        if self.on_durable is not None and n_whole:
+            self._report_durable()
+
+    def _report_durable(self) -> None:
+        """Sync, then tell ``on_durable`` how far the file is whole (once per new structure written)."""
+        if self.on_durable is not None and self._durable_tag is not None and self._reported != self._written_structures:
             self._ds.sync()
             self.on_durable(self._written_structures, self._durable_atoms, self._durable_tag)
+            self._reported = self._written_structures
 
     def _flush(self, whole_chunks_only: bool = False) -> None:
         if self._buffered:

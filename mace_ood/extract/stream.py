@@ -17,7 +17,7 @@ import torch
 
 from mace_ood.config import ExtractionSettings
 from mace_ood.extract.batches import batches, collated, prefetch
-from mace_ood.extract.models import sha256_of
+from mace_ood.extract.models import ModelError, sha256_of
 from mace_ood.extract.reuse import PreviousLatents, inputs_fingerprint, structure_hash
 from mace_ood.extract.runner import LatentExtractor, close_atoms
 from mace_ood.extract.store import LatentWriter, read_attrs
@@ -28,7 +28,10 @@ from mace_ood.structures import InputError, StructureRef, check_structure, iter_
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
+# What changes the numbers (the reuse key) and what only changes how they are stored.
+NUMERIC_SETTINGS = ("default_dtype", "layers", "forces")
+LAYOUT_SETTINGS = ("chunk_atoms", "compression")
 
 
 @dataclass
@@ -61,13 +64,19 @@ class ExtractionSummary:
 
 
 def reuse_key(model_sha256: str, files: list[str], settings: ExtractionSettings) -> dict[str, str]:
-    """What a finished latent file must match to be reused as it is."""
+    """What a finished latent file must match for its numbers to be reused: the model's content,
+    the inputs' content, what changes the latents (dtype, layers, forces) and the format.
+    Batch size, chunking and compression change none of them."""
     return {
         "model_sha256": model_sha256,
         "inputs_fingerprint": inputs_fingerprint(files),
-        "extraction_settings": settings.model_dump_json(exclude={"device", "refresh"}),
+        "numeric_settings": json.dumps({k: getattr(settings, k) for k in NUMERIC_SETTINGS}, sort_keys=True),
         "format_version": FORMAT_VERSION,
     }
+
+
+def layout_of(settings: ExtractionSettings) -> str:
+    return json.dumps({k: getattr(settings, k) for k in LAYOUT_SETTINGS}, sort_keys=True)
 
 
 class ResumeRecord:
@@ -104,7 +113,7 @@ class StructureFeed:
 
     def __init__(
         self, files: list[str], extractor: LatentExtractor, previous: PreviousLatents | None,
-        skip_inputs: int = 0, skipped: list[dict] | None = None,
+        skip_inputs: int = 0, skipped: list[dict] | None = None, seen_ids: set[str] | None = None,
     ) -> None:
         self.files = files
         self.extractor = extractor
@@ -113,7 +122,7 @@ class StructureFeed:
         self.skipped: list[dict] = skipped if skipped is not None else []
         self.consumed = skip_inputs
         self.allowed = set(extractor.atomic_numbers)
-        self.seen_ids: set[str] = set()
+        self.seen_ids: set[str] = set(seen_ids or ())  # on resume: every id read before the kill
 
     def skip(self, ref: StructureRef, reason: str, consumed: int) -> None:
         self.skipped.append({**asdict(ref), "reason": reason, "consumed": consumed})
@@ -165,6 +174,8 @@ def _file_attrs(key: dict, model_path: str | Path, settings: ExtractionSettings,
     return {
         "title": "mace-ood per-atom invariant latents",
         **key,
+        "layout": layout_of(settings),
+        "extraction_settings": settings.model_dump_json(exclude={"device", "refresh"}),
         "model_file": str(model_path),
         "mace_torch_version": getattr(mace, "__version__", "unknown"),
         "torch_version": torch.__version__,
@@ -208,6 +219,7 @@ def extract_to_netcdf(
     max_atoms_per_forward: int | None = None,
     attrs: dict | None = None,
     checkpoint_seconds: float = 60.0,
+    expected_sha256: str | None = None,
 ) -> ExtractionSummary:
     """Run one model over every structure of ``files`` and stream latents to ``out_path``.
 
@@ -229,10 +241,18 @@ def extract_to_netcdf(
         Overrides ``settings.batch_size`` (Prefect retries halve it).
     progress
         Called as ``progress(n_structures_done, n_atoms_done)`` after each batch.
+    expected_sha256
+        The model file's SHA-256 when the run was planned; a file that changed since is refused
+        before it is unpickled.
     """
     out_path = Path(out_path)
     started = time.perf_counter()
     model_sha = sha256_of(model_path)
+    if expected_sha256 is not None and model_sha != expected_sha256.lower():
+        raise ModelError(
+            f"{model_path}: SHA-256 is {model_sha}, but {expected_sha256.lower()} was planned; the file changed "
+            "since the run was planned, not loading it"
+        )
     key = reuse_key(model_sha, files, settings)
     record = ResumeRecord(out_path, key)
     previous_file = None
@@ -240,14 +260,15 @@ def extract_to_netcdf(
         record.remove()
     elif out_path.is_file():
         existing = read_attrs(out_path)
-        if all(existing.get(k) == v for k, v in key.items()):
+        same_numbers = all(existing.get(k) == v for k, v in key.items())
+        if same_numbers and existing.get("layout") == layout_of(settings):
             return _reused_summary(out_path, model_path, model_sha, existing)
-        if all(existing.get(k) == key[k] for k in ("model_sha256", "extraction_settings", "format_version")):
-            previous_file = out_path
+        if all(existing.get(k) == key[k] for k in ("model_sha256", "numeric_settings", "format_version")):
+            previous_file = out_path  # same model and numbers: copy what is there, by content
 
     extractor = LatentExtractor(
         model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward,
-        compute_forces=settings.forces,
+        compute_forces=settings.forces, expected_sha256=model_sha,
     )
     batch_size = batch_size or settings.batch_size
     summary = ExtractionSummary(
@@ -262,7 +283,8 @@ def extract_to_netcdf(
         record, summary, on_durable,
     )
     previous = PreviousLatents(previous_file) if previous_file else None
-    feed = StructureFeed(files, extractor, previous, skip_inputs, summary.skipped)
+    seen = set(writer.written_ids()) | {s["structure_id"] for s in summary.skipped} if skip_inputs else set()
+    feed = StructureFeed(files, extractor, previous, skip_inputs, summary.skipped, seen)
     try:
         _stream(feed, extractor, writer, summary, batch_size, settings.max_atoms_per_batch,
                 progress, checkpoint_seconds)
