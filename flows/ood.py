@@ -16,11 +16,17 @@ from mace_ood.cluster import (
     jobqueue_kwargs,
     worker_environment,
 )
-from mace_ood.config import DaskConfig, ExtractionSettings, RunConfig
+from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.plan import plan_run
-from mace_ood.records import ExtractionJob, ExtractionResult, ReportResult
+from mace_ood.records import (
+    EvaluationPlan,
+    ExtractionJob,
+    ExtractionResult,
+    ReportResult,
+    ScoreResult,
+)
 from mace_ood.runtime import configure_process
 from tasks.extract import extract_latents
 from tasks.report import write_report
@@ -83,27 +89,49 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     return DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus)
 
 
-@flow(name="extract-latents", flow_run_name="extract {n_jobs} jobs")
-def extract_all(
-    jobs: list[ExtractionJob], settings: ExtractionSettings, gpu: bool, n_jobs: int
-) -> list[ExtractionResult]:
-    """Map extraction over the Dask workers; every job runs even when another fails."""
-    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
-        futures = extract_latents.map(jobs, settings=unmapped(settings))
-    futures.wait()
+def _gather(futures: list, names: list[str], what: str) -> list:
+    """Results of every future; one error naming each failure (finished files are kept)."""
+    for future in futures:
+        future.wait()
     results, failures = [], []
-    for job, future in zip(jobs, futures, strict=True):
+    for name, future in zip(names, futures, strict=True):
         state = future.state
         if state.is_completed():
             results.append(future.result())
         else:
-            exc = state.result(raise_on_failure=False)
-            failures.append(f"{job.name}: {exc}")
+            failures.append(f"{name}: {state.result(raise_on_failure=False)}")
     if failures:
         raise RuntimeError(
-            f"{len(failures)} of {len(jobs)} extraction(s) failed (finished files are kept): " + "; ".join(failures)
+            f"{len(failures)} of {len(names)} {what} failed (finished files are kept): " + "; ".join(failures)
         )
     return results
+
+
+@flow(name="extract-and-score", flow_run_name="extract {n_jobs} jobs, score {n_evaluations} evaluations")
+def extract_and_score(
+    jobs: list[ExtractionJob], evaluations: list[EvaluationPlan], config: RunConfig, gpu: bool, n_jobs: int,
+    n_evaluations: int,
+) -> tuple[list[ExtractionResult], list[ScoreResult]]:
+    """On the Dask workers: every extraction (each runs even when another fails), then each
+    family's reference fit, then every evaluation's scores, each phase in parallel."""
+    output_dir, scores = str(config.output_dir), config.scores
+    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+        extractions = _gather(
+            extract_latents.map(jobs, settings=unmapped(config.extraction_settings())), [j.name for j in jobs],
+            "extraction(s)",
+        )
+        own = [e for e in evaluations if e.reference]
+        references = _gather(
+            [fit_reference_task.submit(e, output_dir, scores, config.device) for e in own], [e.family for e in own],
+            "reference fit(s)",
+        )
+        reference_of = {e.family: r["path"] for e, r in zip(own, references, strict=True)}
+        scored = _gather(
+            [score_latents.submit(e, output_dir, config.chunk_atoms, reference_of[e.family], config.device)
+             for e in evaluations],
+            [e.label for e in evaluations], "scoring(s)",
+        )
+    return extractions, scored
 
 
 @flow(name="mace-ood", flow_run_name="mace-ood {config.output_dir}")
@@ -122,28 +150,21 @@ def ood_detection(config: RunConfig) -> ReportResult:
     if config.dask.address:
         found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu)
         logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"], found["gpu_workers"])
-    extractions = extract_all.with_options(task_runner=runner)(
-        plan.jobs, config.extraction_settings(), gpu, len(plan.jobs)
+    extractions, scored = extract_and_score.with_options(task_runner=runner)(
+        plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
     )
     skipped = [
         {"family": r["family"], "seed": r["seed"], "dataset": r["dataset"], **s}
         for r in extractions
         for s in r["skipped"]
     ]
-    references = {
-        e.family: fit_reference_task(e, str(config.output_dir), config.scores)
-        for e in plan.evaluations
-        if e.reference
-    }
-    score_files = [
-        score_latents(e, str(config.output_dir), config.chunk_atoms, references[e.family]) for e in plan.evaluations
-    ]
-    result = write_report(config, plan.evaluations, score_files, skipped)
+    result = write_report(config, plan.evaluations, [r["path"] for r in scored], skipped)
     result["extractions"] = [
         {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "computed_structures",
                            "copied_structures", "wall_s", "atoms_per_s", "reused", "worker")}
         for r in extractions
     ]
+    result["scoring"] = [{k: r[k] for k in ("label", "worker", "device", "wall_s")} for r in scored]
     logger.info(
         "report: %s; scores of every structure: %s",
         result["paths"]["report_xlsx"], result["paths"]["scores_csv"],

@@ -40,6 +40,12 @@ class ModelFamily(_Strict):
         min_length=1,
         description="MACE `.model` files or globs, one file per seed; or {path, sha256} to pin a file's content.",
     )
+    head: str | None = Field(
+        None,
+        description="Readout head for forces and energies of multi-head models (fine-tuned foundation "
+        "models); default: the model's `Default` head, else its last. The latents do not depend on it. "
+        "`mace-ood validate` lists the heads.",
+    )
 
 
 class Evaluation(_Strict):

@@ -76,7 +76,7 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
     for family in dict.fromkeys(family for family, _, _, _ in pairs):
         paths = resolve_models(family, config.model_families[family].models)
         infos = [describe_model(p, config.layers) for p in paths]
-        check_family(family, infos)
+        check_family(family, infos, config.model_families[family].head)
         plan.models[family] = [info.as_dict() for info in infos]
     for family, dataset, reference, is_shown in pairs:
         outputs = []
@@ -84,7 +84,7 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
             out = latent_path(output_dir, family, dataset, seed)
             plan.jobs.append(
                 ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset],
-                              info["sha256"])
+                              info["sha256"], config.model_families[family].head)
             )
             outputs.append(str(out))
         plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown))

@@ -20,6 +20,7 @@ class ExtractionJob:
     out_path: str
     n_structures: int = 0  # expected, for progress
     model_sha256: str | None = None  # the model file's content when planned; the worker checks it
+    head: str | None = None  # readout head for forces and energies (None: the model's default)
 
     @property
     def name(self) -> str:
@@ -75,6 +76,16 @@ class ExtractionResult(TypedDict):
     worker: str
 
 
+class ScoreResult(TypedDict):
+    """What a fit-reference or score task returns: the file it wrote and where it ran."""
+
+    label: str
+    path: str
+    worker: str
+    device: str
+    wall_s: float
+
+
 class EvaluationSummary(TypedDict):
     evaluation: str
     family: str
@@ -98,3 +109,4 @@ class ReportResult(TypedDict, total=False):
     summary: list[EvaluationSummary]
     top: dict[str, list[dict]]
     extractions: list[dict]
+    scoring: list[dict]

@@ -24,8 +24,10 @@ def build_tiny_mace(
     num_interactions: int = 2,
     r_max: float = 4.0,
     dtype: torch.dtype = torch.float64,
+    heads: list[str] | None = None,
 ) -> torch.nn.Module:
-    """A ScaleShiftMACE with random weights (seeded), as a trained model would be saved."""
+    """A ScaleShiftMACE with random weights (seeded), as a trained model would be saved;
+    with ``heads``, a multi-head model (as mace's fine-tuning with replay saves one)."""
     import mace  # noqa: F401  (mace makes e3nn's constants loadable under torch>=2.6)
     from e3nn import o3
     from mace import modules
@@ -44,13 +46,17 @@ def build_tiny_mace(
         num_elements=len(atomic_numbers),
         hidden_irreps=o3.Irreps(hidden),
         MLP_irreps=o3.Irreps("8x0e"),
-        atomic_energies=np.linspace(-1.0, -2.0, len(atomic_numbers)),
+        atomic_energies=(
+            np.linspace(-1.0, -2.0, len(atomic_numbers)) if not heads
+            else np.stack([np.linspace(-1.0, -2.0, len(atomic_numbers)) * (1 + h) for h in range(len(heads))])
+        ),
         avg_num_neighbors=10.0,
         atomic_numbers=list(atomic_numbers),
         correlation=2,
         gate=torch.nn.functional.silu,
-        atomic_inter_scale=1.0,
-        atomic_inter_shift=0.0,
+        atomic_inter_scale=[1.0 + h for h in range(len(heads))] if heads else 1.0,
+        atomic_inter_shift=[0.1 * h for h in range(len(heads))] if heads else 0.0,
+        **({"heads": list(heads)} if heads else {}),
     )
     return model.to(dtype)
 

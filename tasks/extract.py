@@ -11,7 +11,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 
 from mace_ood.config import ExtractionSettings
-from mace_ood.extract.devices import worker_device
+from mace_ood.extract.devices import worker_device, worker_label
 from mace_ood.extract.oom import is_out_of_memory
 from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import ExtractionJob, ExtractionResult
@@ -62,7 +62,7 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> Extract
     summary = extract_to_netcdf(
         job.model_path, list(job.files), job.out_path,
         settings.model_copy(update={"device": device}), batch_size=batch_size, progress=progress,
-        expected_sha256=job.model_sha256,
+        expected_sha256=job.model_sha256, head=job.head,
     )
     update_progress_artifact(artifact, 100.0)
     if summary.reused:
@@ -75,13 +75,4 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> Extract
             summary.resumed_structures, summary.n_atoms, summary.wall_s, summary.atoms_per_s,
             summary.forward_passes, summary.smallest_batch, summary.split_structures, len(summary.skipped),
         )
-    return {**summary.as_dict(), "family": job.family, "seed": job.seed, "dataset": job.dataset, "worker": _worker_name()}
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except (ImportError, ValueError):
-        return "local"
+    return {**summary.as_dict(), "family": job.family, "seed": job.seed, "dataset": job.dataset, "worker": worker_label()}

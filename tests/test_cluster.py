@@ -102,6 +102,9 @@ def test_flow_runs_on_an_existing_cluster_like_locally(dask_cluster, project, tm
     (work / "remote.yaml").write_text(yaml.safe_dump(config))
     remote = ood_detection(load_config(work / "remote.yaml"))
     assert {e["worker"] for e in remote["extractions"]} == {"gpu-worker", "cpu-worker"}
+    # reference fits and scores run on the worker processes too, not in the flow's process,
+    # and give the same scores as scoring on a local cluster
+    assert len(remote["scoring"]) == 4 and {s["worker"] for s in remote["scoring"]} <= {"gpu-worker", "cpu-worker"}
     a = pd.read_csv(work / "local" / "scores.csv").drop(columns=["source_file"])
     b = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
     pd.testing.assert_frame_equal(a, b)

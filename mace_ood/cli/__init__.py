@@ -87,7 +87,9 @@ def validate(
         m = models[0]
         typer.echo(
             f"family {family}: {len(models)} seeds, r_max={m['r_max']}, elements={list(m['atomic_numbers'])}, "
-            f"latent width={m['latent_width']}"
+            f"latent width={m['latent_width']}, heads={list(m['heads'])}"
+            + (f" (forces and energies from head {cfg.model_families[family].head!r})"
+               if cfg.model_families[family].head else "")
         )
     for evaluation in plan.evaluations:
         ref = " (reference)" if evaluation.reference else ""

@@ -66,6 +66,12 @@ def current_worker_name() -> object:
         return None
 
 
+def worker_label() -> str:
+    """This process's Dask worker name, or ``local`` outside a worker."""
+    name = current_worker_name()
+    return "local" if name is None else str(name)
+
+
 def worker_device(device: str) -> str:
     """``choose_device`` for this process: torch's GPU count and, on a Dask worker, its name."""
     import torch

@@ -83,6 +83,7 @@ class ModelInfo:
     num_interactions: int
     latent_width: int
     model_class: str
+    heads: tuple[str, ...] = ("Default",)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +130,19 @@ def cached_model(path: str, device: str, default_dtype: str, sha256: str) -> tor
     return load_model(path, device, default_dtype, expected_sha256=sha256)
 
 
+def model_heads(model: torch.nn.Module) -> list[str]:
+    return [str(h) for h in (getattr(model, "heads", None) or ["Default"])]
+
+
+def choose_head(heads: list[str], head: str | None, where: str) -> str:
+    """The head to use: ``head`` if the model has it, else ``Default`` (any case), else the last."""
+    if head is not None:
+        if head not in heads:
+            raise ModelError(f"{where}: has no head {head!r} (heads: {', '.join(heads)})")
+        return head
+    return next((h for h in heads if h.lower() == "default"), heads[-1])
+
+
 def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:
     model = load_model(path, "cpu", "float64")
     return ModelInfo(
@@ -139,11 +153,13 @@ def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:
         num_interactions=int(model.num_interactions),
         latent_width=len(invariant_columns(model, layers)),
         model_class=type(model).__name__,
+        heads=tuple(model_heads(model)),
     )
 
 
-def check_family(family: str, infos: list[ModelInfo]) -> None:
-    """All seeds of a family must agree on r_max, elements and latent width, and be >= 2."""
+def check_family(family: str, infos: list[ModelInfo], head: str | None = None) -> None:
+    """All seeds of a family must agree on r_max, elements and latent width, be >= 2, and
+    have the chosen head."""
     if len(infos) < 2:
         raise ModelError(
             f"family {family!r}: {len(infos)} model file(s); the across-seed variance needs at least 2 seeds"
@@ -156,6 +172,8 @@ def check_family(family: str, infos: list[ModelInfo]) -> None:
                     f"family {family!r}: {Path(info.path).name} has {field}={getattr(info, field)} "
                     f"but {Path(first.path).name} has {getattr(first, field)}"
                 )
+    for info in infos:
+        choose_head(list(info.heads), head, f"family {family!r}: {Path(info.path).name}")
     hashes = [info.sha256 for info in infos]
     if len(set(hashes)) < len(hashes):
         raise ModelError(f"family {family!r}: the same model file is listed twice (identical SHA-256)")

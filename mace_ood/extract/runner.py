@@ -19,7 +19,9 @@ from ase import Atoms
 from mace_ood.extract.models import (
     DTYPES,
     cached_model,
+    choose_head,
     invariant_columns,
+    model_heads,
     resolve_device,
     sha256_of,
 )
@@ -45,6 +47,9 @@ class LatentExtractor:
     max_atoms_per_forward
         Injectable memory budget: a forward pass over more atoms raises the same
         out-of-memory error a GPU would. ``None``: no budget.
+    head
+        Readout head for forces and energies (default: ``Default``, else the last); the
+        latents (``node_feats``) do not depend on it.
     expected_sha256
         The model file's planned SHA-256: the bytes loaded must have it (default: whatever the
         file holds now).
@@ -62,6 +67,7 @@ class LatentExtractor:
         max_atoms_per_forward: int | None = None,
         compute_forces: bool = False,
         expected_sha256: str | None = None,
+        head: str | None = None,
     ) -> None:
         import mace.data
         from mace.tools import AtomicNumberTable
@@ -79,8 +85,8 @@ class LatentExtractor:
         self.atomic_numbers = [int(z) for z in self.model.atomic_numbers]
         self.z_table = AtomicNumberTable(self.atomic_numbers)
         self.r_max = float(self.model.r_max)
-        self.heads = list(getattr(self.model, "heads", None) or ["Default"])
-        self.head = next((h for h in self.heads if h.lower() == "default"), self.heads[-1])
+        self.heads = model_heads(self.model)
+        self.head = choose_head(self.heads, head, self.model_path)
         self.max_atoms_per_forward = max_atoms_per_forward
         self.compute_forces = compute_forces
         self.forward_passes = 0

@@ -63,14 +63,20 @@ class ExtractionSummary:
         return data
 
 
-def reuse_key(model_sha256: str, files: list[str], settings: ExtractionSettings) -> dict[str, str]:
+def reuse_key(
+    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None
+) -> dict[str, str]:
     """What a finished latent file must match for its numbers to be reused: the model's content,
     the inputs' content, what changes the latents (dtype, layers, forces) and the format.
-    Batch size, chunking and compression change none of them."""
+    Batch size, chunking and compression change none of them; the head changes forces and
+    energies only, so it counts only when they are stored."""
+    numbers = {k: getattr(settings, k) for k in NUMERIC_SETTINGS}
+    if settings.forces:
+        numbers["head"] = head
     return {
         "model_sha256": model_sha256,
         "inputs_fingerprint": inputs_fingerprint(files),
-        "numeric_settings": json.dumps({k: getattr(settings, k) for k in NUMERIC_SETTINGS}, sort_keys=True),
+        "numeric_settings": json.dumps(numbers, sort_keys=True),
         "format_version": FORMAT_VERSION,
     }
 
@@ -182,6 +188,7 @@ def _file_attrs(key: dict, model_path: str | Path, settings: ExtractionSettings,
         "default_dtype": settings.default_dtype,
         "layers": settings.layers,
         "device": extractor.device,
+        "head": extractor.head,
         "r_max": extractor.r_max,
         "atomic_numbers": json.dumps(extractor.atomic_numbers),
         **(extra or {}),
@@ -220,6 +227,7 @@ def extract_to_netcdf(
     attrs: dict | None = None,
     checkpoint_seconds: float = 60.0,
     expected_sha256: str | None = None,
+    head: str | None = None,
 ) -> ExtractionSummary:
     """Run one model over every structure of ``files`` and stream latents to ``out_path``.
 
@@ -241,6 +249,8 @@ def extract_to_netcdf(
         Overrides ``settings.batch_size`` (Prefect retries halve it).
     progress
         Called as ``progress(n_structures_done, n_atoms_done)`` after each batch.
+    head
+        Readout head for forces and energies of a multi-head model (see ``LatentExtractor``).
     expected_sha256
         The model file's SHA-256 when the run was planned; a file that changed since is refused
         before it is unpickled.
@@ -253,7 +263,7 @@ def extract_to_netcdf(
             f"{model_path}: SHA-256 is {model_sha}, but {expected_sha256.lower()} was planned; the file changed "
             "since the run was planned, not loading it"
         )
-    key = reuse_key(model_sha, files, settings)
+    key = reuse_key(model_sha, files, settings, head)
     record = ResumeRecord(out_path, key)
     previous_file = None
     if settings.refresh:
@@ -268,7 +278,7 @@ def extract_to_netcdf(
 
     extractor = LatentExtractor(
         model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward,
-        compute_forces=settings.forces, expected_sha256=model_sha,
+        compute_forces=settings.forces, expected_sha256=model_sha, head=head,
     )
     batch_size = batch_size or settings.batch_size
     summary = ExtractionSummary(

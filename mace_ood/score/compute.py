@@ -73,14 +73,14 @@ def _aligned_mean_block(block: np.ndarray, reference: FamilyReference) -> np.nda
     return np.mean([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)], axis=0)
 
 
-def _reference_block(block: np.ndarray, reference: FamilyReference) -> np.ndarray:
+def _reference_block(block: np.ndarray, reference: FamilyReference, device: str = "cpu") -> np.ndarray:
     """(S, n, F) latents -> (4, n): aligned variance, Mahalanobis, k-NN, GMM NLL."""
     block = np.asarray(block, dtype=np.float64)
     aligned = np.stack([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)])
     out = np.empty((4, block.shape[1]))
     out[0] = seed_variance(aligned)
     out[1] = np.mean([mahalanobis_distance(z, r.mean, r.precision) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
-    out[2] = np.mean([knn_mean_distance(z, r.sample, reference.knn_k) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
+    out[2] = np.mean([knn_mean_distance(z, r.sample, reference.knn_k, device=device) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     if all(r.gmm is not None for r in reference.seeds):
         out[3] = np.mean([-r.gmm.score_samples(z) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     else:
@@ -116,7 +116,7 @@ def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms:
     )
 
 
-def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr.Dataset:
+def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str = "cpu") -> xr.Dataset:
     """Lazy per-atom (``atom_<score>``) and per-structure scores of one evaluation.
 
     ``latents`` comes from :func:`mace_ood.score.latents.open_latents` (it may carry ``forces``).
@@ -129,7 +129,7 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None) -> xr
     if reference is not None:
         data = latents["latent"].transpose("seed", "atom", "feature").data.rechunk({0: -1, 2: -1})
         blocks = da.map_blocks(
-            _reference_block, data, reference, drop_axis=(0, 2), new_axis=0,
+            _reference_block, data, reference, device, drop_axis=(0, 2), new_axis=0,
             chunks=((4,), data.chunks[1]), dtype=np.float64,
         )
         for i, name in enumerate(REFERENCE_SCORES):

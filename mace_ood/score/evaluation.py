@@ -56,12 +56,14 @@ def write_scores_netcdf(scores: xr.Dataset, path: str | Path) -> Path:
 
 
 def score_evaluation(
-    evaluation: EvaluationPlan, output_dir: str | Path, chunk_atoms: int, reference_file: str | None = None
+    evaluation: EvaluationPlan, output_dir: str | Path, chunk_atoms: int, reference_file: str | None = None,
+    device: str = "cpu",
 ) -> str:
-    """Every score of one evaluation, computed once and stored to ``scores/<label>.nc``."""
+    """Every score of one evaluation, computed once and stored to ``scores/<label>.nc``
+    (the k-NN distances on ``device``)."""
     reference = FamilyReference.load(reference_file) if reference_file else None
     with open_latents(list(evaluation.latent_paths), chunk_atoms=chunk_atoms) as latents:
-        scores = compute_scores(latents, reference)
+        scores = compute_scores(latents, reference, device)
         if evaluation.reference and reference is not None:
             ids = scores["structure_id"].values.astype(str)
             held_out = set(reference.calibration_ids)

@@ -104,6 +104,15 @@ def test_knn_is_exact_across_chunks():
     np.testing.assert_allclose(ours, distances.mean(axis=1), rtol=1e-9)
 
 
+def test_float32_knn_is_close_to_float64_on_offset_latents():
+    """Latents with a large common offset and small spread: centring keeps float32 exact enough."""
+    rng = np.random.default_rng(18)
+    query, reference = 5 + 0.01 * rng.standard_normal((500, 32)), 5 + 0.01 * rng.standard_normal((3000, 32))
+    distances, _ = NearestNeighbors(n_neighbors=10).fit(reference).kneighbors(query)
+    ours = knn_mean_distance(query, reference, 10, query_chunk=128, reference_chunk=1000)
+    assert np.max(np.abs(ours - distances.mean(axis=1)) / distances.mean(axis=1)) < 1e-9
+
+
 def test_ridge_precision_is_the_regularised_inverse():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((50, 4))
