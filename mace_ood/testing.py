@@ -25,6 +25,7 @@ def build_tiny_mace(
     r_max: float = 4.0,
     dtype: torch.dtype = torch.float64,
     heads: list[str] | None = None,
+    correlation: int = 2,
 ) -> torch.nn.Module:
     """A ScaleShiftMACE with random weights (seeded), as a trained model would be saved;
     with ``heads``, a multi-head model (as mace's fine-tuning with replay saves one)."""
@@ -52,7 +53,7 @@ def build_tiny_mace(
         ),
         avg_num_neighbors=10.0,
         atomic_numbers=list(atomic_numbers),
-        correlation=2,
+        correlation=correlation,
         gate=torch.nn.functional.silu,
         atomic_inter_scale=[1.0 + h for h in range(len(heads))] if heads else 1.0,
         atomic_inter_shift=[0.1 * h for h in range(len(heads))] if heads else 0.0,
