@@ -33,18 +33,19 @@ from tasks.report import write_report
 from tasks.score import fit_reference_task, score_latents
 
 
-def prefect_api_url() -> str | None:
-    """The API this flow talks to; for the embedded server, the URL of its subprocess."""
+def prefect_api_url() -> tuple[str | None, bool]:
+    """The API this flow talks to, and whether it is the embedded temporary server (the URL of
+    its subprocess), which lives only as long as this run."""
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
     if url:
-        return str(url)
+        return str(url), False
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     server.start()
-    return server.api_url
+    return server.api_url, True
 
 
 def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) -> tuple[DaskTaskRunner, bool]:
@@ -145,10 +146,11 @@ def ood_detection(config: RunConfig) -> ReportResult:
         len(plan.jobs), len(plan.evaluations),
         ", ".join(f"{name} ({len(files)} files)" for name, files in plan.files.items()),
     )
-    api_url = prefect_api_url()
+    api_url, temporary_server = prefect_api_url()
     runner, gpu = make_task_runner(config.dask, config.device, api_url)
     if config.dask.address:
-        found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu)
+        found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu,
+                              temporary_server=temporary_server)
         logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"], found["gpu_workers"])
     extractions, scored = extract_and_score.with_options(task_runner=runner)(
         plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)

@@ -99,12 +99,32 @@ def _probe(output_dir: str, token: str) -> dict[str, Any]:
     }
 
 
-def check_cluster(address: str, output_dir: str | Path, api_url: str | None, need_gpu: bool, timeout: float = 30) -> dict:
+def no_server_message(temporary_url: str) -> str:
+    """What to run when an existing cluster meets a flow that has no Prefect server of its own."""
+    import socket
+
+    host = socket.gethostname()
+    return (
+        f"this flow has no Prefect server (PREFECT_API_URL is not set), so it started a temporary one at "
+        f"{temporary_url} that the cluster's workers cannot reach and that ends with the run. Start one server "
+        f"and point the flow, the scheduler and every worker at it: (1) on {host}: "
+        f"`prefect server start --host 0.0.0.0 --port 4200`; (2) in the flow's shell and before `dask scheduler` "
+        f"and `dask worker` on every node: `export PREFECT_API_URL=http://{host}:4200/api`; (3) restart the "
+        f"workers and run again"
+    )
+
+
+def check_cluster(
+    address: str, output_dir: str | Path, api_url: str | None, need_gpu: bool, timeout: float = 30,
+    temporary_server: bool = False,
+) -> dict:
     """Check an existing Dask cluster before sending work; raises ClusterError saying what is wrong.
 
     Every worker must import mace_ood, talk to the same Prefect API as the flow and write to
     ``output_dir`` in a place the flow's machine sees (shared storage); with ``need_gpu``,
     some worker must declare a ``GPU`` resource (else the tasks would wait forever).
+    ``temporary_server``: the flow's API is its own temporary server (no PREFECT_API_URL);
+    workers that do not share it get the exact commands to set one up.
     """
     from distributed import Client
 
@@ -126,6 +146,8 @@ def check_cluster(address: str, output_dir: str | Path, api_url: str | None, nee
         for worker, answer in answers.items():
             if not answer["mace_ood"]:
                 raise ClusterError(f"worker {worker}: cannot import mace_ood; install mace-ood in the workers' environment")
+            if api_url and answer["prefect_api_url"] != api_url and temporary_server:
+                raise ClusterError(no_server_message(api_url))
             if api_url and answer["prefect_api_url"] != api_url:
                 raise ClusterError(
                     f"worker {worker}: PREFECT_API_URL is {answer['prefect_api_url']!r}, the flow uses {api_url!r}; "

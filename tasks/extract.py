@@ -12,7 +12,8 @@ from prefect.runtime import task_run
 
 from mace_ood.config import ExtractionSettings
 from mace_ood.extract.devices import worker_device, worker_label
-from mace_ood.extract.oom import is_out_of_memory
+from mace_ood.extract.models import cached_model
+from mace_ood.extract.oom import free_device_memory, is_out_of_memory
 from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import ExtractionJob, ExtractionResult
 from mace_ood.runtime import configure_process
@@ -20,7 +21,8 @@ from tasks.artifacts import artifact_key
 
 
 def retry_on_out_of_memory(task, task_run, state) -> bool:
-    """Retry only when the task died of an out-of-memory error (the retry halves the batch)."""
+    """Retry only an out-of-memory error that escaped the in-process back-off (e.g. while a big
+    batch was collated); a structure that does not fit even in domains is deterministic and fails."""
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, BaseException) and is_out_of_memory(exc)
 
@@ -28,6 +30,15 @@ def retry_on_out_of_memory(task, task_run, state) -> bool:
 def batch_size_for_attempt(batch_size: int, attempt: int) -> int:
     """Halve the batch on every retry, down to 1."""
     return max(1, batch_size >> max(0, attempt - 1))
+
+
+def settings_for_attempt(settings: ExtractionSettings, attempt: int) -> ExtractionSettings:
+    """On a retry, the batch's structure count and its atom budget both halved per attempt:
+    what the in-process back-off cannot do, since it only splits a batch already collated."""
+    if attempt <= 1:
+        return settings
+    atoms = max(1, settings.max_atoms_per_batch >> (attempt - 1))
+    return settings.model_copy(update={"max_atoms_per_batch": atoms})
 
 
 @task(
@@ -43,9 +54,13 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> Extract
     logger = get_run_logger()
     attempt = task_run.run_count or 1
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)
+    settings = settings_for_attempt(settings, attempt)
     device = worker_device(settings.device)
     if attempt > 1:
-        logger.warning("retry %d after out-of-memory: batch size %d", attempt - 1, batch_size)
+        free_device_memory()
+        cached_model.cache_clear()  # a fresh copy of the model on a device released of the last attempt
+        logger.warning("retry %d after out-of-memory: batch size %d, at most %d atoms per batch",
+                       attempt - 1, batch_size, settings.max_atoms_per_batch)
     last_log = [time.monotonic()]
     artifact = create_progress_artifact(
         0.0, key=artifact_key("extract", job.family, f"seed{job.seed}", job.dataset),

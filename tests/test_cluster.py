@@ -118,6 +118,13 @@ def test_cluster_checks_say_what_is_wrong(dask_cluster, tmp_path):
     assert found == {"workers": 2, "gpu_workers": 1}
     with pytest.raises(ClusterError, match="PREFECT_API_URL is"):
         check_cluster(address, tmp_path / "out", "http://127.0.0.1:1/api", need_gpu=False)
+    # a flow without a server of its own gets the commands that fix it, not the name of a
+    # temporary server that is gone after the run
+    with pytest.raises(ClusterError) as error:
+        check_cluster(address, tmp_path / "out", "http://127.0.0.1:1/api", need_gpu=False, temporary_server=True)
+    message = str(error.value)
+    assert "prefect server start --host 0.0.0.0 --port 4200" in message
+    assert "export PREFECT_API_URL=http://" in message and "dask worker" in message
     with pytest.raises(ClusterError, match="cannot connect"):
         check_cluster(f"tcp://127.0.0.1:{free_port()}", tmp_path / "out", None, need_gpu=False, timeout=2)
 

@@ -25,7 +25,12 @@ from mace_ood.extract.models import (
     resolve_device,
     sha256_of,
 )
-from mace_ood.extract.oom import OutOfMemoryError, free_device_memory, is_out_of_memory
+from mace_ood.extract.oom import (
+    DoesNotFitError,
+    OutOfMemoryError,
+    free_device_memory,
+    is_out_of_memory,
+)
 from mace_ood.structures import MIN_DISTANCE_A
 
 log = logging.getLogger(__name__)
@@ -207,8 +212,8 @@ class LatentExtractor:
                 out["energy"] = float(out["node_energy"].sum())
             log.info("%d atoms computed in %d domains (grid %s, halo %.1f A)", len(atoms), len(domains), candidate, halo)
             return out
-        raise OutOfMemoryError(
-            f"out of memory: a structure of {len(atoms)} atoms does not fit even split into domains "
+        raise DoesNotFitError(
+            f"a structure of {len(atoms)} atoms does not fit even split into domains "
             f"(halo {halo:.1f} A); use a device with more memory"
         )
 
