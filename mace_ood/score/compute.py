@@ -107,6 +107,34 @@ def structure_mean(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.
     return xr.DataArray(sums / counts, dims=("structure", *per_atom.dims[1:]))
 
 
+def _block_sums(block: np.ndarray, start: int, structure_of_atom: np.ndarray) -> tuple[int, np.ndarray]:
+    """Sums of a block's rows per structure: (index of its first structure, (k, F) sums)."""
+    owners = structure_of_atom[start : start + len(block)]
+    boundaries = np.flatnonzero(np.diff(owners)) + 1
+    return int(owners[0]), np.add.reduceat(block, np.concatenate([[0], boundaries]), axis=0)
+
+
+def _assemble_means(parts: list[tuple[int, np.ndarray]], n_atoms: np.ndarray, n_features: int) -> np.ndarray:
+    sums = np.zeros((len(n_atoms), n_features))
+    for first, block_sums in parts:
+        sums[first : first + len(block_sums)] += block_sums  # a structure split by a block boundary adds twice
+    return sums / np.asarray(n_atoms)[:, None]
+
+
+def blockwise_structure_mean(per_atom: da.Array, atom_offset: np.ndarray, n_atoms: np.ndarray) -> da.Array:
+    """Mean of an (atom, F) array over each structure, lazily, holding only one block and the
+    (structure, F) result: unlike a running sum, nothing of size atoms x F is ever materialised."""
+    import dask
+
+    structure_of_atom = np.repeat(np.arange(len(n_atoms)), np.asarray(n_atoms))
+    starts = np.concatenate([[0], np.cumsum(per_atom.chunks[0])[:-1]])
+    blocks = per_atom.to_delayed().ravel()
+    parts = [dask.delayed(_block_sums)(block, int(start), structure_of_atom)
+             for block, start in zip(blocks, starts, strict=True)]
+    means = dask.delayed(_assemble_means)(parts, n_atoms, per_atom.shape[1])
+    return da.from_delayed(means, shape=(len(n_atoms), per_atom.shape[1]), dtype=np.float64)
+
+
 def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
     """Max of a 1-D per-atom array over each structure, lazily (one chunk of 8 bytes per atom)."""
     one_chunk = per_atom.data.rechunk(-1)
@@ -138,7 +166,8 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
             _aligned_mean_block, data, reference, drop_axis=0, chunks=(data.chunks[1], data.chunks[2]),
             dtype=np.float64,
         )
-        out["descriptor"] = structure_mean(xr.DataArray(aligned_mean, dims=("atom", "feature")), offsets, counts)
+        out["descriptor"] = xr.DataArray(blockwise_structure_mean(aligned_mean, offsets, counts),
+                                         dims=("structure", "feature"))
     if "forces" in latents:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(
