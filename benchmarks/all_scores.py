@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--features", type=int, default=128)
     parser.add_argument("--reference", type=int, default=20_000)
+    parser.add_argument("--only", help="run only the methods whose name contains this text")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -139,6 +140,8 @@ def main() -> None:
         print("|---|---|---|---|---|")
         floor = None
         for name in METHODS:
+            if args.only and args.only not in name:
+                continue
             if name.startswith("faiss"):
                 try:
                     import faiss  # noqa: F401

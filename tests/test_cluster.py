@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 import yaml
 
 from mace_ood.cluster import ClusterError, check_cluster, jobqueue_kwargs
@@ -105,6 +107,18 @@ def test_flow_runs_on_an_existing_cluster_like_locally(dask_cluster, project, tm
     # reference fits and scores run on the worker processes too, not in the flow's process,
     # and give the same scores as scoring on a local cluster
     assert len(remote["scoring"]) == 4 and {s["worker"] for s in remote["scoring"]} <= {"gpu-worker", "cpu-worker"}
+    # ... and equal to scoring in this process, from the same latents and reference
+    from mace_ood.records import EvaluationPlan
+    from mace_ood.score.evaluation import score_evaluation
+
+    label = "MACE_T1__T2"
+    seeds = tuple(str(p) for p in sorted((work / "remote" / "latents" / "MACE_T1" / "T2").glob("seed-*.nc")))
+    here = score_evaluation(EvaluationPlan("MACE_T1", "T2", False, seeds), work / "in-process", 64,
+                            str(work / "remote" / "reference" / "MACE_T1.pkl"))
+    with xr.open_dataset(here) as a, xr.open_dataset(work / "remote" / "scores" / f"{label}.nc") as b:
+        for name in ("mahalanobis", "knn_distance_max", "atom_gmm_nll", "descriptor"):
+            if name in b:
+                np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12)
     a = pd.read_csv(work / "local" / "scores.csv").drop(columns=["source_file"])
     b = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
     pd.testing.assert_frame_equal(a, b)
