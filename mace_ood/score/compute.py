@@ -97,14 +97,13 @@ def atom_latent_variance(latent: xr.DataArray) -> xr.DataArray:
 
 
 def structure_mean(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
-    """Mean of a per-atom array (atom, ...) over each structure's contiguous atom range, lazily."""
+    """Mean of a 1-D per-atom array over each structure's contiguous atom range, lazily."""
     values = per_atom.data
-    running = da.concatenate([da.zeros((1, *values.shape[1:]), dtype=values.dtype), da.cumsum(values, axis=0)])
+    running = da.concatenate([da.zeros(1, dtype=values.dtype), da.cumsum(values)])
     starts = np.asarray(atom_offset, dtype=np.int64)
     stops = starts + np.asarray(n_atoms, dtype=np.int64)
     sums = running[stops] - running[starts]
-    counts = np.asarray(n_atoms).reshape((-1,) + (1,) * (values.ndim - 1))
-    return xr.DataArray(sums / counts, dims=("structure", *per_atom.dims[1:]))
+    return xr.DataArray(sums / np.asarray(n_atoms), dims=("structure",))
 
 
 def _block_sums(block: np.ndarray, start: int, structure_of_atom: np.ndarray) -> tuple[int, np.ndarray]:

@@ -11,12 +11,11 @@ from mace_ood.config import SelectConfig
 from mace_ood.select.diverse import nearest, select_diverse
 from mace_ood.select.top import select_top
 
-PICK_COLUMNS = ["selected", "group_size", "nearest_training_id", "nearest_training_distance"]
-
 
 @dataclass
 class Selection:
-    """The picks (rows of the table, in pick order, with ``PICK_COLUMNS``) and what to tell the user."""
+    """The picks (rows of the table, in pick order, with ``selected``, ``group_size``,
+    ``nearest_training_id`` and ``nearest_training_distance``) and what to tell the user."""
 
     rows: pd.DataFrame
     n_candidates: int
