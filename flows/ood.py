@@ -10,6 +10,7 @@ from prefect import flow, unmapped
 from prefect.logging import get_run_logger
 from prefect_dask import DaskTaskRunner
 
+from flows.server import is_temporary, start_temporary_server
 from mace_ood.cluster import (
     check_cluster,
     jobqueue_cluster_class,
@@ -27,25 +28,21 @@ from mace_ood.records import (
     ReportResult,
     ScoreResult,
 )
-from mace_ood.runtime import configure_process
+from mace_ood.runtime import configure_process, stop_on_signals
 from tasks.extract import extract_latents
 from tasks.report import write_report
 from tasks.score import fit_reference_task, score_latents
 
 
 def prefect_api_url() -> tuple[str | None, bool]:
-    """The API this flow talks to, and whether it is the embedded temporary server (the URL of
-    its subprocess), which lives only as long as this run."""
+    """The API this flow talks to, and whether it is a temporary server, which lives only as
+    long as this run (the CLI starts one, with a longer start-up timeout and a retry)."""
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
     if url:
-        return str(url), False
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    return server.api_url, True
+        return str(url), is_temporary(str(url))
+    return start_temporary_server(), True
 
 
 def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) -> tuple[DaskTaskRunner, bool]:
@@ -90,6 +87,10 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     return DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus)
 
 
+class TaskFailures(RuntimeError):
+    """Some tasks of a phase failed (one line naming each, with its cause); finished files stay."""
+
+
 def _gather(futures: list, names: list[str], what: str) -> list:
     """Results of every future; one error naming each failure (finished files are kept)."""
     for future in futures:
@@ -102,7 +103,7 @@ def _gather(futures: list, names: list[str], what: str) -> list:
         else:
             failures.append(f"{name}: {state.result(raise_on_failure=False)}")
     if failures:
-        raise RuntimeError(
+        raise TaskFailures(
             f"{len(failures)} of {len(names)} {what} failed (finished files are kept): " + "; ".join(failures)
         )
     return results
@@ -116,7 +117,7 @@ def extract_and_score(
     """On the Dask workers: every extraction (each runs even when another fails), then each
     family's reference fit, then every evaluation's scores, each phase in parallel."""
     output_dir, scores = str(config.output_dir), config.scores
-    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+    with stop_on_signals(f"mace-ood on {output_dir}"), dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
         extractions = _gather(
             extract_latents.map(jobs, settings=unmapped(config.extraction_settings())), [j.name for j in jobs],
             "extraction(s)",
@@ -137,8 +138,16 @@ def extract_and_score(
 
 @flow(name="mace-ood", flow_run_name="mace-ood {config.output_dir}")
 def ood_detection(config: RunConfig) -> ReportResult:
-    """Score every evaluation of ``config`` and write the reports; returns paths and top rows."""
+    """Score every evaluation of ``config`` and write the reports; returns paths and top rows.
+
+    SIGINT or SIGTERM (Prefect cancelling a deployment run sends SIGTERM) stops the run and
+    its local Dask workers at once; running again resumes from the files on disk."""
     configure_process()
+    with stop_on_signals(f"mace-ood on {config.output_dir}"):
+        return _score_and_report(config)
+
+
+def _score_and_report(config: RunConfig) -> ReportResult:
     logger = get_run_logger()
     plan = plan_run(config)
     logger.info(

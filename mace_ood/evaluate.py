@@ -28,6 +28,7 @@ from scipy.stats import rankdata
 
 from mace_ood.files import pyplot, save_figure
 from mace_ood.report.tables import evaluation_table
+from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import ALL_SCORES
 from mace_ood.structures import read_structures
 
@@ -117,6 +118,7 @@ def read_labels(path: str | Path) -> dict[str, bool]:
     return dict(zip(frame["structure_id"], values.isin(["true", "1"]), strict=True))
 
 
+@hdf5_in_this_thread()
 def evaluation_data(
     run_dir: str | Path, forces_key: str = "REF_forces", labels: dict[str, bool] | None = None
 ) -> pd.DataFrame:

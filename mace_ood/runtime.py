@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager, suppress
 
 # Default OpenMP spinning made MACE calls 5-10x slower at random on shared cores.
 ENVIRONMENT_DEFAULTS = {
@@ -13,6 +18,10 @@ ENVIRONMENT_DEFAULTS = {
 # HDF5 chunk cache per variable: the default 64 MiB per variable per open file dominates
 # memory when several seed files are open at once.
 HDF5_CHUNK_CACHE = (4 * 1024 * 1024, 521, 0.75)
+# After SIGTERM, how long child processes (Dask workers, the scheduler's helpers, Prefect's
+# temporary server) get to exit before they are killed.
+STOP_GRACE_S = 3.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def configure_process() -> None:
@@ -22,3 +31,81 @@ def configure_process() -> None:
     import netCDF4
 
     netCDF4.set_chunk_cache(*HDF5_CHUNK_CACHE)
+
+
+@contextmanager
+def hdf5_in_this_thread():
+    """Run the lazy (dask) work inside on the calling thread: the synchronous scheduler.
+
+    netCDF4/HDF5 is not thread-safe. Inside a Dask worker, dask's default scheduler is the
+    distributed client: a lazily opened latent file read there is shipped as sub-tasks to other
+    workers, whose own task thread may be using HDF5 at the same moment (an ``HDF error`` or
+    a crashed worker). Every stage that opens netCDF runs under this, as a decorator or a
+    ``with`` block, so each process touches HDF5 from one thread; the parallelism is the many
+    tasks in flight across worker processes.
+    """
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
+    """Terminate every descendant of this process, kill what is left after ``grace_s`` and reap
+    them (no orphan, no zombie); returns how many there were. Scanned again until none is left,
+    since a Dask nanny may start a new worker for one that just died."""
+    import psutil
+
+    stopped = 0
+    for _ in range(5):
+        children = psutil.Process().children(recursive=True)
+        if not children:
+            break
+        stopped += len(children)
+        for child in children:
+            with suppress(psutil.NoSuchProcess):
+                child.terminate()
+        _, alive = psutil.wait_procs(children, timeout=grace_s)
+        for child in alive:
+            with suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(alive, timeout=grace_s)
+    return stopped
+
+
+@contextmanager
+def stop_on_signals(what: str):
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, SLURM at the end of the walltime, Prefect cancelling
+    a deployment run) stops ``what`` at once: one line on stderr, every child process stopped
+    and reaped, exit status 128 + the signal.
+
+    Prefect and Dask shut down through their servers and connections, which may be the very
+    processes the signal has just killed (a terminal sends SIGINT to the whole process group):
+    their shutdown hung for minutes. Work already durable stays on disk: latent files are
+    written under ``.partial`` with a progress record, so running again resumes.
+    Prefect's flow engine installs its own SIGTERM handler at the start of every flow run (it
+    reports the crash to the API first, which hung when the API was gone): enter this inside the
+    flow function too. Only the main thread can own signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        for s in STOP_SIGNALS:  # a second Ctrl-C must not interrupt the clean-up
+            signal.signal(s, signal.SIG_IGN)
+        sys.stderr.write(
+            f"\ninterrupted by {signal.Signals(signum).name}: stopped {what}; finished and partial "
+            "files are kept, running the same command again resumes\n"
+        )
+        sys.stderr.flush()
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # no "restarting worker" noise
+        stop_child_processes()
+        os._exit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

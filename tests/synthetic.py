@@ -69,3 +69,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_busy_project(root: Path, n_families: int = 3, n_structures: int = 40, n_seeds: int = 2) -> Path:
+    """Several families, each trained on its own dataset, every family scoring every dataset:
+    with 64-atom chunks, many reference fits and scorings read netCDF at the same time."""
+    datasets, families = {}, {}
+    for k in range(n_families):
+        save_tiny_family(root / "models", f"F{k}", n_seeds, first_seed=10 * k, channels=8, max_l=0)
+        write_dataset(root / "data" / f"D{k}", f"md_CuAl_T{300 + 100 * k}K",
+                      random_structures(n_structures, seed=k, sizes=(2,)))
+        datasets[f"D{k}"] = [f"data/D{k}/*.xyz"]
+        families[f"MACE_F{k}"] = {"trained_on": f"D{k}", "models": [f"models/F{k}_seed*.model"]}
+    config = {
+        "output_dir": "run", "device": "cpu", "default_dtype": "float64", "batch_size": 8, "chunk_atoms": 64,
+        "datasets": datasets, "model_families": families, "reference": True, "select": {"top_k": 3},
+        "dask": {"n_workers": 2},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -130,12 +130,16 @@ def run_config(cfg) -> dict:
         plan_run(cfg, count=False)  # fail fast, before any Prefect or Dask start-up
     except (InputError, ModelError) as exc:
         _fail(str(exc))
-    from flows.ood import ood_detection
+    from flows.ood import TaskFailures, ood_detection
+    from flows.server import ServerStartError, run_api
+    from mace_ood.runtime import stop_on_signals
 
-    try:
-        return ood_detection(cfg)
-    except (InputError, ModelError, ScoreError, ClusterError) as exc:
-        _fail(str(exc))
+    with stop_on_signals(f"mace-ood on {cfg.output_dir}"):
+        try:
+            with run_api():
+                return ood_detection(cfg)
+        except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, TaskFailures) as exc:
+            _fail(str(exc))
 
 
 @app.command()

@@ -24,6 +24,7 @@ from mace_ood.extract.store import LatentWriter, read_attrs
 from mace_ood.files import write_text
 from mace_ood.metadata import info_fields
 from mace_ood.paths import partial_path, progress_path
+from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.structures import InputError, StructureRef, check_structure, iter_structures
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def _open_writer(
     return LatentWriter(*arguments), 0
 
 
+@hdf5_in_this_thread()
 def extract_to_netcdf(
     model_path: str | Path,
     files: list[str],

@@ -16,6 +16,7 @@ from mace_ood.report.excel import write_excel
 from mace_ood.report.plots import plot_latent_pca, plot_score_histograms
 from mace_ood.report.structures import write_selected
 from mace_ood.report.tables import evaluation_table, order_columns, rank_table, read_descriptors
+from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.calibrate import (
     add_percentiles,
     calibration_mask,
@@ -27,6 +28,7 @@ from mace_ood.select.batch import select_structures
 log = logging.getLogger(__name__)
 
 
+@hdf5_in_this_thread()
 def build_report(
     config: RunConfig,
     evaluations: list[EvaluationPlan],

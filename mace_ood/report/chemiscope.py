@@ -11,11 +11,13 @@ import xarray as xr
 from mace_ood.files import atomic_path
 from mace_ood.report.plots import pca_basis
 from mace_ood.report.tables import per_atom_scores, read_rows, selected_atom_index
+from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import ALL_SCORES
 from mace_ood.select.top import select_top
 from mace_ood.structures import read_structures
 
 
+@hdf5_in_this_thread()
 def write_chemiscope(
     table: pd.DataFrame,
     scores_file: str | Path,

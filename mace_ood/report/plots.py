@@ -10,6 +10,7 @@ import xarray as xr
 
 from mace_ood.files import pyplot, save_figure
 from mace_ood.report.tables import per_atom_name
+from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.reference import sample_atoms
 
 
@@ -25,6 +26,7 @@ def pca_basis(sample: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np
     return mean, vt[:n_components].T
 
 
+@hdf5_in_this_thread()
 def plot_latent_pca(
     latent_file: str | Path,
     reference_file: str | Path,

@@ -13,6 +13,7 @@ from mace_ood.config import ScoresConfig
 from mace_ood.files import atomic_path
 from mace_ood.paths import reference_path, scores_path
 from mace_ood.records import EvaluationPlan
+from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.latents import open_latents
 from mace_ood.score.reference import (
@@ -26,6 +27,7 @@ from mace_ood.score.reference import (
 log = logging.getLogger(__name__)
 
 
+@hdf5_in_this_thread()
 def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, scores: ScoresConfig) -> str:
     """Fit the family's reference (alignment, covariance, GMM, k-NN sample) on the fit part of its
     own training set; the calibration part's structure ids are stored with it."""
@@ -55,6 +57,7 @@ def write_scores_netcdf(scores: xr.Dataset, path: str | Path) -> Path:
     return Path(path)
 
 
+@hdf5_in_this_thread()
 def score_evaluation(
     evaluation: EvaluationPlan, output_dir: str | Path, chunk_atoms: int, reference_file: str | None = None,
     device: str = "cpu",

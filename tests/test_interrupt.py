@@ -1,0 +1,103 @@
+"""Ctrl-C and SIGTERM stop a real `mace-ood run` within seconds, leave no process behind, and
+running again resumes to the scores of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import ase.io
+import pandas as pd
+import psutil
+import pytest
+
+from mace_ood.config import load_config
+from mace_ood.testing import random_structures
+
+STOP_WITHIN_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def big_project(prefect_server, project, tmp_path_factory):
+    """The tiny project with a dataset big enough to interrupt mid-extraction, and the scores of
+    one uninterrupted run of it."""
+    from flows.ood import ood_detection
+
+    work = tmp_path_factory.mktemp("interrupt") / "p"
+    shutil.copytree(project.parent, work)
+    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(400, seed=8, sizes=(2,)))
+    ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "uninterrupted")}))
+    return work, pd.read_csv(work / "uninterrupted" / "scores.csv").drop(columns=["source_file"])
+
+
+def cli_environment(work) -> dict[str, str]:
+    """What a user's shell has: no Prefect API (the run starts its own temporary server)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(work / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
+    """Until some structures of the big dataset (T2) are durable on disk."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for record in run_dir.glob("latents/*/T2/*.progress.json"):
+            try:
+                if json.loads(record.read_text())["n_structures"] > 0:
+                    return
+            except (OSError, ValueError):  # replaced while read
+                pass
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    pytest.fail("no extraction made progress durable in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=["ctrl-c-to-the-group", "kill-the-process", "sigterm-to-the-group"],
+)
+def test_a_signal_stops_the_run_at_once_and_running_again_resumes(big_project, tmp_path, signum, to_group):
+    work, uninterrupted = big_project
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "mace_ood.cli", "run", str(work / "config.yaml"), "--output-dir", str(run_dir)]
+    env = cli_environment(work)
+    process = subprocess.Popen(command, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # its own group, as a terminal's job
+    wait_for_durable_progress(run_dir, process)
+    family = psutil.Process(process.pid).children(recursive=True)
+    assert len(family) >= 3, "expected Dask workers and Prefect's temporary server"
+    started = time.monotonic()
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the run did not stop within 60 s of the signal")
+    took = time.monotonic() - started
+    assert took < STOP_WITHIN_S, f"stopping took {took:.1f} s"
+    assert process.returncode == 128 + signum
+    message = [line for line in stderr.splitlines() if line.startswith("interrupted by")]
+    assert len(message) == 1 and "resumes" in message[0], stderr[-2000:]
+    assert "Traceback" not in stderr.split(message[0])[-1]
+    left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    zombies = [p for p in family if p.is_running() and p.status() == psutil.STATUS_ZOMBIE]
+    assert not left and not zombies, f"left behind: {left}, zombies: {zombies}"
+
+    again = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = sum(int(n) for n in re.findall(r"(\d+) resumed\)", again.stdout + again.stderr))
+    assert resumed > 0, "nothing was resumed: the interrupted run's durable work was lost"
+    scores = pd.read_csv(run_dir / "scores.csv").drop(columns=["source_file"])
+    pd.testing.assert_frame_equal(scores, uninterrupted)

@@ -1,0 +1,33 @@
+"""Prefect's temporary server on a busy machine: a longer start-up timeout unless the user set
+one, one retry, then one line that says what to do (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from flows.server import DEFAULT_STARTUP_TIMEOUT_S, TIMEOUT_ENV, startup_timeout
+
+
+def test_the_start_up_timeout_is_raised_unless_the_user_set_one(monkeypatch):
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert startup_timeout() == DEFAULT_STARTUP_TIMEOUT_S > 20
+    monkeypatch.setenv(TIMEOUT_ENV, "7")
+    assert startup_timeout() == 7.0
+
+
+def test_a_server_too_slow_to_start_is_retried_then_explained_in_one_line(project, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(tmp_path / ".prefect"), TIMEOUT_ENV: "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mace_ood.cli", "run", str(project), "--output-dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "did not start within 1 s; retrying with 2 s" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "prefect server start" in errors[0] and "PREFECT_API_URL" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "latents").exists()  # stopped before any work
