@@ -29,6 +29,7 @@ from mace_ood.records import (
     ScoreResult,
 )
 from mace_ood.runtime import configure_process, stop_on_signals
+from tasks.console import hide_console_tracebacks
 from tasks.extract import extract_latents
 from tasks.report import write_report
 from tasks.score import fit_reference_task, score_latents
@@ -143,6 +144,7 @@ def ood_detection(config: RunConfig) -> ReportResult:
     SIGINT or SIGTERM (Prefect cancelling a deployment run sends SIGTERM) stops the run and
     its local Dask workers at once; running again resumes from the files on disk."""
     configure_process()
+    hide_console_tracebacks()
     with stop_on_signals(f"mace-ood on {config.output_dir}"):
         return _score_and_report(config)
 

@@ -18,6 +18,7 @@ from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import ExtractionJob, ExtractionResult
 from mace_ood.runtime import configure_process
 from tasks.artifacts import artifact_key
+from tasks.console import hide_console_tracebacks
 
 
 def retry_on_out_of_memory(task, task_run, state) -> bool:
@@ -51,6 +52,7 @@ def settings_for_attempt(settings: ExtractionSettings, attempt: int) -> Extracti
 def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> ExtractionResult:
     """Stream one model's latents over one dataset to ``job.out_path``; returns a small summary."""
     configure_process()
+    hide_console_tracebacks()
     logger = get_run_logger()
     attempt = task_run.run_count or 1
     batch_size = batch_size_for_attempt(settings.batch_size, attempt)

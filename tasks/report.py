@@ -9,6 +9,7 @@ from mace_ood.config import RunConfig
 from mace_ood.records import EvaluationPlan, ReportResult, SkippedStructure
 from mace_ood.report.build import build_report
 from tasks.artifacts import publish_artifacts
+from tasks.console import hide_console_tracebacks
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -20,6 +21,7 @@ def write_report(
     Also publishes, for the Prefect UI, a table artifact of the top K of each evaluation and
     a markdown summary with the file locations.
     """
+    hide_console_tracebacks()
     result = build_report(config, evaluations, score_files, skipped)
     publish_artifacts(result, config)
     return result

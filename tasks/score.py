@@ -12,6 +12,7 @@ from mace_ood.extract.devices import worker_device, worker_label
 from mace_ood.records import EvaluationPlan, ScoreResult
 from mace_ood.runtime import configure_process
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+from tasks.console import hide_console_tracebacks
 
 
 def _record(label: str, path: str, device: str, started: float) -> ScoreResult:
@@ -25,6 +26,7 @@ def fit_reference_task(
 ) -> ScoreResult:
     """Alignment, covariance, GMM and k-NN sample of a family's own training set, on a worker."""
     configure_process()
+    hide_console_tracebacks()
     started = time.perf_counter()
     path = fit_family_reference(evaluation, output_dir, scores)
     return _record(evaluation.family, path, worker_device(device), started)
@@ -36,6 +38,7 @@ def score_latents(
 ) -> ScoreResult:
     """Every score, per atom and per structure, of one evaluation, on a worker (k-NN on its device)."""
     configure_process()
+    hide_console_tracebacks()
     started = time.perf_counter()
     resolved = worker_device(device)
     path = score_evaluation(evaluation, output_dir, chunk_atoms, reference_file, device=resolved)

@@ -130,3 +130,75 @@ def test_ui_renders_the_top_k_table(served_run, tmp_path):
                               capture_output=True, text=True, timeout=120).stdout
     assert flow_run.name in run_page
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes(server, prefect_server, project,
+                                                                                   tmp_path):
+    """`prefect flow-run cancel` (a Cancelling state set through the API) on a served run in the
+    middle of its extraction: the run's process and its Dask workers are gone within 10 s, the
+    run ends Cancelled, and the next run resumes to the scores of an uninterrupted one."""
+    import json
+
+    import ase.io
+    import pandas as pd
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import State
+
+    from flows.ood import ood_detection
+    from mace_ood.config import load_config
+    from mace_ood.testing import random_structures
+
+    url, env = server
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(300, seed=8, sizes=(2,)))
+    ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "uninterrupted")}))
+    uninterrupted = pd.read_csv(work / "uninterrupted" / "scores.csv").drop(columns=["source_file"])
+
+    env = {**env, "PREFECT_API_URL": f"{url}/api"}
+    serve = subprocess.Popen([sys.executable, "-m", "mace_ood.cli", "serve", str(work / "config.yaml"), "--name", "cancel"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with temporary_settings({PREFECT_API_URL: f"{url}/api"}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    client.read_deployment_by_name("mace-ood/cancel")
+                    break
+                except Exception:  # noqa: BLE001 - not registered yet
+                    time.sleep(1)
+            flow_run = run_deployment("mace-ood/cancel", timeout=0)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not any(
+                json.loads(p.read_text() or "{}").get("n_structures", 0) > 0
+                for p in (work / "run").glob("latents/*/T2/*.progress.json")
+            ):
+                time.sleep(0.1)
+            running = psutil.Process(serve.pid).children(recursive=True)
+            assert len(running) >= 3, "expected the flow run's process and its Dask workers"
+            started = time.monotonic()
+            client.set_flow_run_state(flow_run.id, State(type=StateType.CANCELLING, name="Cancelling"), force=True)
+            while time.monotonic() - started < 30 and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                                          for p in running):
+                time.sleep(0.1)
+            took = time.monotonic() - started
+            assert took < 10, f"the cancelled run's processes were still there after {took:.1f} s"
+            while time.monotonic() - started < 60 and not client.read_flow_run(flow_run.id).state.is_final():
+                time.sleep(0.5)
+            assert client.read_flow_run(flow_run.id).state.is_cancelled()
+
+            again = run_deployment("mace-ood/cancel", timeout=600, poll_interval=2)
+            assert again.state.is_completed(), again.state
+        scores = pd.read_csv(work / "run" / "scores.csv").drop(columns=["source_file"])
+        pd.testing.assert_frame_equal(scores, uninterrupted)
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()

@@ -31,3 +31,22 @@ def test_a_server_too_slow_to_start_is_retried_then_explained_in_one_line(projec
     assert "prefect server start" in errors[0] and "PREFECT_API_URL" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "latents").exists()  # stopped before any work
+
+
+def test_a_failed_task_is_one_line_naming_it_with_its_cause(project, tmp_path):
+    """Every extraction runs out of memory, whatever the retries do: one `error:` line naming each
+    failed job and the cause, and no traceback anywhere in the terminal."""
+    from mace_ood.extract.oom import INJECT_COLLATION_BUDGET_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(tmp_path / ".prefect"), INJECT_COLLATION_BUDGET_ENV: "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mace_ood.cli", "run", str(project), "--output-dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "12 of 12 extraction(s) failed" in errors[0] and "MACE_T1-seed0-T1:" in errors[0]
+    assert "out of memory" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
