@@ -31,7 +31,7 @@ def big_project(prefect_server, project, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("interrupt") / "p"
     shutil.copytree(project.parent, work)
-    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(400, seed=8, sizes=(2,)))
+    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(200, seed=8, sizes=(2,)))
     ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "uninterrupted")}))
     return work, pd.read_csv(work / "uninterrupted" / "scores.csv").drop(columns=["source_file"])
 

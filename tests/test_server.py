@@ -161,8 +161,9 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     uninterrupted = pd.read_csv(work / "uninterrupted" / "scores.csv").drop(columns=["source_file"])
 
     env = {**env, "PREFECT_API_URL": f"{url}/api"}
+    log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([sys.executable, "-m", "mace_ood.cli", "serve", str(work / "config.yaml"), "--name", "cancel"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with temporary_settings({PREFECT_API_URL: f"{url}/api"}), get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
@@ -179,15 +180,18 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
                 for p in (work / "run").glob("latents/*/T2/*.progress.json")
             ):
                 time.sleep(0.1)
-            running = psutil.Process(serve.pid).children(recursive=True)
-            assert len(running) >= 3, "expected the flow run's process and its Dask workers"
+            # the run's processes: the runner's children but its own multiprocessing helper, and theirs
+            runs = [p for p in psutil.Process(serve.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+            running = runs + [d for p in runs for d in p.children(recursive=True)]
+            assert len(running) >= 2, "expected the flow run's process and its Dask worker"
             started = time.monotonic()
             client.set_flow_run_state(flow_run.id, State(type=StateType.CANCELLING, name="Cancelling"), force=True)
             while time.monotonic() - started < 30 and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                                           for p in running):
                 time.sleep(0.1)
             took = time.monotonic() - started
-            assert took < 10, f"the cancelled run's processes were still there after {took:.1f} s"
+            left = [" ".join(p.cmdline()[:4]) for p in running if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            assert took < 10, f"the cancelled run's processes were still there after {took:.1f} s: {left}"
             while time.monotonic() - started < 60 and not client.read_flow_run(flow_run.id).state.is_final():
                 time.sleep(0.5)
             assert client.read_flow_run(flow_run.id).state.is_cancelled()
