@@ -258,8 +258,21 @@ class RunConfig(ExtractionSettings):
 
     @model_validator(mode="after")
     def _forces_for_force_scores(self) -> RunConfig:
-        if self.select.score in get_args(ForceScoreName) and not self.forces:
+        """A ranking score this config cannot compute fails here, before any work, not at report time."""
+        force_scores, gmm_scores = get_args(ForceScoreName), ("gmm_nll", "gmm_nll_max")
+        if self.select.score in force_scores and not self.forces:
             raise ValueError(f"select.score: {self.select.score} needs `forces: true`")
+        if self.select.score in gmm_scores and not self.scores.gmm_components:
+            raise ValueError(f"select.score: {self.select.score} needs a mixture (`scores.gmm_components` is empty)")
+        if self.select.score == "combined":
+            usable = [c for c in self.select.combine if (self.forces or c not in force_scores)
+                      and (self.scores.gmm_components or c not in gmm_scores)]
+            if not usable:
+                raise ValueError(
+                    f"select.combine: none of {', '.join(self.select.combine)} is computed with this config "
+                    "(force scores need `forces: true`, gmm_nll needs `scores.gmm_components`); add a latent "
+                    "score such as mahalanobis_max"
+                )
         return self
 
     @model_validator(mode="after")

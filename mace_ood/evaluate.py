@@ -115,6 +115,10 @@ def read_labels(path: str | Path) -> dict[str, bool]:
     bad = ~values.isin(["true", "false", "1", "0"])
     if bad.any():
         raise ValueError(f"{path}: is_ood must be true/false/1/0, got {frame['is_ood'][bad].iloc[0]!r}")
+    duplicated = frame["structure_id"][frame["structure_id"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"{path}: structure_id {duplicated.iloc[0]!r} is labelled more than once "
+                         f"({duplicated.nunique()} duplicated ids)")
     return dict(zip(frame["structure_id"], values.isin(["true", "1"]), strict=True))
 
 
@@ -152,10 +156,15 @@ def evaluation_data(
     if "split" not in data.columns:
         data["split"] = ""
     data["split"] = data["split"].fillna("")
+    fit_ids = set(data["structure_id"][data["split"] == "fit"])
     data = data[data["split"] != "fit"].reset_index(drop=True)
     ood_labels = config.ood_labels if config else {}
     natural = [ood_labels.get(d, not r) for d, r in zip(data["dataset"], data["reference"], strict=True)]
     labels = labels or {}
+    unknown = sorted(set(labels) - set(data["structure_id"]) - set(fit_ids))
+    if unknown:
+        raise ValueError(f"labels: {len(unknown)} structure id(s) are in no evaluation of {run_dir}, "
+                         f"e.g. {unknown[0]!r}")
     data["ood_label"] = [labels.get(sid, n) for sid, n in zip(data["structure_id"], natural, strict=True)]
     return data
 

@@ -107,3 +107,24 @@ def test_labels_file_overrides_per_structure(tmp_path):
     path.write_text("structure_id,ood\na,true\n")
     with pytest.raises(ValueError, match="is_ood"):
         read_labels(path)
+    path.write_text("structure_id,is_ood\na,true\nb,0\na,false\n")  # was: the last one silently won
+    with pytest.raises(ValueError, match="'a' is labelled more than once"):
+        read_labels(path)
+
+
+def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
+    """Regression: unknown ids were ignored without a word (a typo left every label unused)."""
+    from mace_ood.config import ScoresConfig
+    from mace_ood.evaluate import evaluation_data
+    from mace_ood.records import EvaluationPlan
+    from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+    from tests.synthetic import synthetic_latent_files
+
+    paths, _, sizes = synthetic_latent_files(tmp_path / "latents", n_seeds=2, sizes=(5, 7, 3) * 4)
+    evaluation = EvaluationPlan("F", "D", True, tuple(str(p) for p in paths))
+    score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, ScoresConfig(gmm_components=[1])))
+    every = [f"s{i}" for i in range(len(sizes))]  # fit or calibration rows: all known
+    labelled = evaluation_data(tmp_path, labels=dict.fromkeys(every, True))
+    assert len(labelled) == 2 and labelled["ood_label"].all()  # the 2 calibration rows, labels applied
+    with pytest.raises(ValueError, match=r"1 structure id\(s\) are in no evaluation .* 's99'"):
+        evaluation_data(tmp_path, labels={"s0": True, "s99": True})

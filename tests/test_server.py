@@ -50,6 +50,14 @@ def server(tmp_path_factory):
         process.kill()
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 @pytest.fixture(scope="module")
 def served_run(server, project, tmp_path_factory):
     """`mace-ood serve` registers the deployment; a run is triggered through the API with
@@ -82,11 +90,7 @@ def served_run(server, project, tmp_path_factory):
                 artifacts = client.read_artifacts()
         yield url, work, flow_run, task_runs, artifacts
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)
 
 
 @pytest.mark.slow
@@ -201,8 +205,4 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
         scores = pd.read_csv(work / "run" / "scores.csv").drop(columns=["source_file"])
         pd.testing.assert_frame_equal(scores, uninterrupted)
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve)

@@ -17,13 +17,18 @@ def test_the_start_up_timeout_is_raised_unless_the_user_set_one(monkeypatch):
     assert startup_timeout() == 7.0
 
 
-def test_a_server_too_slow_to_start_is_retried_then_explained_in_one_line(project, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(tmp_path / ".prefect"), TIMEOUT_ENV: "1"})
-    result = subprocess.run(
+def run_in_a_shell(project, tmp_path, **env) -> subprocess.CompletedProcess:
+    """`mace-ood run` as a user starts it: no Prefect API configured, ``env`` added."""
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    environment.update({"PREFECT_HOME": str(tmp_path / ".prefect"), **env})
+    return subprocess.run(
         [sys.executable, "-m", "mace_ood.cli", "run", str(project), "--output-dir", str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=environment, capture_output=True, text=True, timeout=600,
     )
+
+
+def test_a_server_too_slow_to_start_is_retried_then_explained_in_one_line(project, tmp_path):
+    result = run_in_a_shell(project, tmp_path, **{TIMEOUT_ENV: "1"})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "did not start within 1 s; retrying with 2 s" in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -38,12 +43,7 @@ def test_a_failed_task_is_one_line_naming_it_with_its_cause(project, tmp_path):
     failed job and the cause, and no traceback anywhere in the terminal."""
     from mace_ood.extract.oom import INJECT_COLLATION_BUDGET_ENV
 
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(tmp_path / ".prefect"), INJECT_COLLATION_BUDGET_ENV: "1"})
-    result = subprocess.run(
-        [sys.executable, "-m", "mace_ood.cli", "run", str(project), "--output-dir", str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_in_a_shell(project, tmp_path, **{INJECT_COLLATION_BUDGET_ENV: "1"})
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]

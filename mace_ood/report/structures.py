@@ -51,7 +51,8 @@ def write_selected(
     The extxyz file carries every per-atom score in ``atoms.arrays["MACE_OOD_<score>"]``
     (colour by it in OVITO or the ASE GUI); ``most_uncertain_atom`` is the index of the atom
     with the highest per-atom value of the ranking score. Structures without a cell get a
-    box with ``VACUUM_BOX_A`` of vacuum around them for the CIF.
+    box with ``VACUUM_BOX_A`` of vacuum around them for the CIF. Picks of an earlier run that
+    are not picked now are removed from ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,10 @@ def write_selected(
             cif_paths.append(str(cif_path))
             xyz_paths.append(str(xyz_path))
             worst_atoms.append(int(np.argmax(atom_scores)) if atom_scores is not None else -1)
+    written = set(cif_paths) | set(xyz_paths)
+    for stale in [*out_dir.glob("*.cif"), *out_dir.glob("*.extxyz")]:
+        if str(stale) not in written:  # an earlier run's pick that is not picked now
+            stale.unlink()
     selected["most_uncertain_atom"] = worst_atoms
     selected["cif"] = cif_paths
     selected["extxyz"] = xyz_paths

@@ -62,9 +62,9 @@ def evaluation_table(
 
 
 def rank_table(frame: pd.DataFrame, score: str) -> pd.DataFrame:
-    """``rank`` by ``score`` (1 = highest), rows sorted by it."""
+    """``rank`` by ``score`` (1 = highest, NaN last), rows sorted by it."""
     frame = frame.copy()
-    frame["rank"] = frame[score].rank(ascending=False, method="first").astype(int)
+    frame["rank"] = frame[score].rank(ascending=False, method="first", na_option="bottom").astype(int)
     first = ["family", "dataset", "reference", "rank", score, *ID_COLUMNS]
     return frame[first + [c for c in frame.columns if c not in first]].sort_values("rank").reset_index(drop=True)
 

@@ -19,11 +19,14 @@ CALIBRATION_SPLITS = ("calibration", "fit+calibration")  # the latter: too few s
 
 
 def percentile_against(values: np.ndarray, reference_values: np.ndarray) -> np.ndarray:
-    """Percent of the reference distribution at or below each value (NaN without a reference)."""
+    """Percent of the reference distribution at or below each value (NaN without a reference, and
+    for a NaN value: a score that could not be computed is not evidence of being OOD)."""
     reference_values = np.sort(np.asarray(reference_values, dtype=float)[np.isfinite(reference_values)])
     if reference_values.size == 0:
         return np.full(len(values), np.nan)
-    return 100.0 * np.searchsorted(reference_values, values, side="right") / reference_values.size
+    values = np.asarray(values, dtype=float)
+    percent = 100.0 * np.searchsorted(reference_values, values, side="right") / reference_values.size
+    return np.where(np.isnan(values), np.nan, percent)
 
 
 def exceedance(values: np.ndarray, calibration_values: np.ndarray, upper: float = 99.0) -> np.ndarray:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import ase.io
 import numpy as np
 import openpyxl
@@ -56,6 +58,14 @@ def test_molecule_without_cell_gets_a_box_and_scores_travel(tmp_path):
     per_atom = xyz.arrays["MACE_OOD_latent_variance"]
     assert np.isclose(per_atom.mean(), table.iloc[0]["latent_variance"])
     assert selected.iloc[0]["most_uncertain_atom"] == int(np.argmax(per_atom))
+
+    # an earlier run's picks do not stay beside the new ones (regression: they did)
+    (tmp_path / "top" / "07_old_pick.cif").write_text("data_old\n")
+    (tmp_path / "top" / "07_old_pick.extxyz").write_text("1\n\nCu 0 0 0\n")
+    (tmp_path / "top" / "notes.txt").write_text("mine")
+    again = write_selected(select_top(table, 5), scores_path, tmp_path / "top")
+    left = sorted(p.name for p in (tmp_path / "top").iterdir())
+    assert left == sorted([Path(again.iloc[0]["cif"]).name, Path(again.iloc[0]["extxyz"]).name, "notes.txt"])
 
 
 def test_excel_layout(tmp_path):

@@ -11,7 +11,12 @@ from sklearn.neighbors import NearestNeighbors
 
 from mace_ood.config import ScoresConfig, SelectConfig
 from mace_ood.records import EvaluationPlan
-from mace_ood.score.calibrate import add_percentiles, combine_exceedances, exceedance
+from mace_ood.score.calibrate import (
+    add_percentiles,
+    combine_exceedances,
+    exceedance,
+    percentile_against,
+)
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation
 from mace_ood.score.reference import FamilyReference, split_structures
 from tests.synthetic import synthetic_latent_files
@@ -97,3 +102,16 @@ def test_per_structure_max_and_descriptor_against_loops(tmp_path):
         np.testing.assert_allclose(ds["descriptor"].values, expected, rtol=1e-9, atol=1e-12)
         assert ds["mahalanobis_max"].attrs["units"] == "1" and ds["atom_knn_distance"].attrs["units"] == "latent"
         assert ds["latent_variance"].attrs["units"] == "latent^2" and ds["gmm_nll"].attrs["units"] == "nat"
+
+
+def test_a_nan_score_is_neither_ood_nor_first():
+    """Regression: NaN got percentile 100 (flagged ood) and crashed the ranking after all the compute."""
+    from mace_ood.report.tables import rank_table
+
+    percent = percentile_against(np.array([np.nan, 0.5, 5.0, np.inf]), np.arange(4.0))
+    assert np.isnan(percent[0]) and percent[1] == 25.0 and percent[2] == percent[3] == 100.0
+    table = pd.DataFrame({"family": "F", "dataset": "D", "reference": False, "structure_id": ["a", "b", "c"],
+                          "source_file": "x", "frame_index": [0, 1, 2], "formula": "Cu", "n_atoms": 1,
+                          "combined": [np.nan, 2.0, 1.0]})
+    ranked = rank_table(table, "combined")
+    assert list(ranked["structure_id"]) == ["b", "c", "a"] and list(ranked["rank"]) == [1, 2, 3]
