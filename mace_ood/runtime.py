@@ -20,7 +20,7 @@ ENVIRONMENT_DEFAULTS = {
 HDF5_CHUNK_CACHE = (4 * 1024 * 1024, 521, 0.75)
 # After SIGTERM, how long child processes (Dask workers, the scheduler's helpers, Prefect's
 # temporary server) get to exit before they are killed.
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
