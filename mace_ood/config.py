@@ -74,12 +74,22 @@ Compression = Literal["zstd", "zlib", "none"]
 
 
 class SelectConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "ood_percentile" in data:
+            raise ValueError(
+                f"select.ood_percentile was replaced by select.alpha, the false-flag rate "
+                f"(ood_percentile {data['ood_percentile']} -> alpha {1 - float(data['ood_percentile']) / 100:g})"
+            )
+        return data
+
     top_k: int = Field(30, ge=1, description="Structures selected per evaluation.")
     score: ScoreName = Field(DEFAULT_SCORE, description="Score used for ranking and the `ood` flag.")
-    ood_percentile: float = Field(
-        99.0, gt=0, lt=100,
-        description="A structure is flagged `ood` when its score is above this percentile of the "
-        "calibration part of the family's own training set (never the part the reference was fitted on).",
+    alpha: float = Field(
+        0.01, gt=0, lt=1,
+        description="False-flag rate of `ood`: a structure is flagged when its conformal p-value against the "
+        "calibration part of the family's own training set is at most alpha (README, \"The ood flag\").",
     )
     strategy: SelectStrategy = Field(
         "diverse",
@@ -99,8 +109,9 @@ class SelectConfig(_Strict):
     combine: list[Literal[LatentScoreName, ForceScoreName]] = Field(
         default_factory=lambda: list(DEFAULT_COMBINED),
         min_length=1,
-        description="Scores the `combined` score averages, each as its calibrated exceedance; those not "
-        "computed in a run (force scores without `forces: true`) are left out.",
+        description="Scores the `combined` score takes the most surprising of, each as its p-value against the "
+        "calibration structures (a `_max` against their atoms, size-aware); those not computed in a run "
+        "(force scores without `forces: true`) are left out, and the run says so.",
     )
 
 
@@ -119,7 +130,15 @@ class ScoresConfig(_Strict):
         description="Share of the training set's structures held out from fitting the reference; "
         "percentiles, the `ood` threshold and the combined score are calibrated on them only.",
     )
-    split_seed: int = Field(0, description="Seed of the fit / calibration split (by structure).")
+    split_seed: int = Field(0, description="Salt of the hash that puts each group on one side of the split.")
+    split_block_frames: int = Field(
+        10, ge=1,
+        description="The split holds out whole groups: a source file's blocks of this many consecutive frames "
+        "(MD neighbours are correlated; a random split by frame leaks).",
+    )
+    split_gap_frames: int = Field(
+        1, ge=0, description="Fit frames this close to a calibration frame of the same file are used by neither part.",
+    )
 
 
 class MetadataConfig(_Strict):
@@ -205,9 +224,10 @@ class ExtractionSettings(_Strict):
         description="`last`: the invariants the readout sees (last layer); `all`: every layer's invariants.",
     )
     forces: bool = Field(
-        False,
-        description="Also store each seed's forces and energies (same forward pass, needs autograd: "
-        "about 2-3x slower); enables the force_deviation scores and `mace-ood evaluate` errors.",
+        True,
+        description="Also store each seed's forces and energies (same forward pass, needs autograd: about 2x "
+        "the latent-only pass on the demo); the default `combined` score uses the force deviation, and "
+        "`mace-ood evaluate` the errors. `false`: latents only, and `combined` is then Mahalanobis alone.",
     )
     refresh: bool = Field(
         False, description="Recompute every latent file: no reuse of finished files, no resume, no copies."

@@ -194,7 +194,7 @@ evaluations:              # T2's MD contains 300 K bulk: T1 is not new to MACE_T
   - {{family: MACE_T2, dataset: T1}}
 ood_labels: {{T1_test: false}}
 reference: true
-select: {{top_k: 30, ood_percentile: 99}}
+select: {{top_k: 30, alpha: 0.01}}
 metadata: {{patterns: ['strain(?P<strain_pct>[+-]?\\d+)pct']}}
 dask: {{}}                  # local cluster: one worker per GPU, else min(4, cores)
 """

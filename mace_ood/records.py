@@ -97,7 +97,11 @@ class EvaluationSummary(TypedDict):
     median_score: float
     max_score: float
     n_ood: int
-    ood_percentile: float
+    alpha: float
+    n_calibration: int
+    delivered_rate: float
+    combined_of: str
+    alpha_note: str
     top_structure: str
     top_dir: str
 

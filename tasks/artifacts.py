@@ -23,7 +23,7 @@ def publish_artifacts(result: ReportResult, config: RunConfig) -> None:
     for row in result["summary"]:
         picks = table[(table.family == row["family"]) & (table.dataset == row["dataset"]) & table.selected.notna()]
         picks = picks.sort_values("selected").astype({"selected": int})
-        columns = ["selected", "rank", score, f"{score}_percentile", "ood", "structure_id", "formula", "n_atoms",
+        columns = ["selected", "rank", score, f"{score}_pvalue", "ood", "structure_id", "formula", "n_atoms",
                    "source_file"]
         create_table_artifact(
             key=artifact_key("top", row["family"], row["dataset"]),
@@ -31,8 +31,12 @@ def publish_artifacts(result: ReportResult, config: RunConfig) -> None:
             description=f"{row['strategy']} selection of {row['n_selected']} from {row['family']} on "
                         f"{row['dataset']} by {score}" + (f" ({row['selection_note']})" if row["selection_note"] else ""),
         )
-    lines = [f"# mace-ood: {config.output_dir}", "", f"Ranking score: `{score}`; OOD flag above the "
-             f"{config.select.ood_percentile:g}th percentile of the held-out part of each family's training set.", "",
+    notes = dict.fromkeys(row["alpha_note"] for row in result["summary"])
+    combined_of = dict.fromkeys(row["combined_of"] for row in result["summary"] if row["combined_of"])
+    lines = [f"# mace-ood: {config.output_dir}", "", f"Ranking score: `{score}`"
+             + (f" (the most surprising of {'; '.join(combined_of)})" if combined_of else "")
+             + f"; `ood`: conformal p-value at most alpha = {config.select.alpha:g} against the held-out part of "
+             "each family's training set.", "", *[f"- {note}" for note in notes], "",
              "| evaluation | structures | atoms | flagged OOD | top structure |", "|---|---|---|---|---|"]
     for row in result["summary"]:
         lines.append(f"| {row['family']} on {row['dataset']} | {row['n_structures']} | {row['n_atoms']} | "

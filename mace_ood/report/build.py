@@ -19,10 +19,12 @@ from mace_ood.report.tables import evaluation_table, order_columns, rank_table, 
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.calibrate import (
     add_percentiles,
+    alpha_note,
     calibration_mask,
-    combined_components,
+    read_atom_calibration,
     reference_evaluation,
 )
+from mace_ood.score.compute import COMBINED_SCORE
 from mace_ood.select.batch import select_structures
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,23 @@ def build_report(
         e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, config.metadata.patterns)
         for e in evaluations
     }
-    add_percentiles(by_label, evaluations, config.select)
+    atom_calibration = {}
+    for evaluation in [e for e in evaluations if e.reference]:
+        training = by_label[evaluation.label]
+        atom_calibration[evaluation.family] = read_atom_calibration(
+            files[evaluation.label], list(training.loc[calibration_mask(training), "structure_id"]),
+            sorted({*config.select.combine, config.select.score}),
+        )
+    delivered = add_percentiles(by_label, evaluations, config.select, atom_calibration)
+    for family, flag in delivered.items():
+        components = flag["components"]
+        log.info("%s: ranking by %s%s", family, score,
+                 f" = the most surprising of {', '.join(components)}" if score == COMBINED_SCORE else "")
+        left_out = [c for c in config.select.combine if c not in components]
+        if score == COMBINED_SCORE and left_out:
+            log.warning("%s: combined leaves out %s (not computed in this run%s)", family, ", ".join(left_out),
+                        "; `forces: true` computes force scores" if not config.forces else "")
+        (log.warning if flag["effective_alpha"] > flag["alpha"] else log.info)("%s", alpha_note(family, flag))
     if score not in next(iter(by_label.values())).columns:
         raise ValueError(f"select.score {score!r} was not computed in this run")
     by_label = {label: rank_table(table, score) for label, table in by_label.items()}
@@ -77,9 +95,11 @@ def build_report(
             "median_score": float(table[score].median()),
             "max_score": float(table[score].max()),
             "n_ood": int(table["ood"].sum()),
-            "ood_percentile": config.select.ood_percentile,
-            "n_calibration": int(calibration_mask(training).sum()),
-            "combined_of": ",".join(combined_components(training, config.select)),
+            "alpha": config.select.alpha,
+            "n_calibration": delivered[evaluation.family]["n_calibration"],
+            "delivered_rate": delivered[evaluation.family]["delivered_rate"],
+            "combined_of": ",".join(delivered[evaluation.family]["components"]) if score == COMBINED_SCORE else "",
+            "alpha_note": alpha_note(evaluation.family, delivered[evaluation.family]),
             "strategy": selection.strategy,
             "n_selected": len(selection.rows),
             "n_selected_ood": int(selection.rows["ood"].sum()),
@@ -123,7 +143,7 @@ def build_report(
         training = by_label[reference_evaluation(evaluations, evaluation.family).label]
         calibration.append(training[calibration_mask(training)])
     plot = plot_score_histograms(
-        tables, calibration, score, config.select.ood_percentile, histogram_path(output_dir, score),
+        tables, calibration, score, config.select.alpha, histogram_path(output_dir, score),
     )
     if plot:
         paths["histogram_png"] = plot
@@ -131,9 +151,9 @@ def build_report(
         "paths": paths,
         "summary": summary.to_dict(orient="records"),
         "top": {
-            label: frame.head(5)[["selected", "rank", score, f"{score}_percentile", "ood", "structure_id", "formula",
+            label: frame.head(5)[["selected", "rank", score, f"{score}_pvalue", "ood", "structure_id", "formula",
                                   "n_atoms", "group_size", "nearest_training_id"]]
-            .rename(columns={score: "score", f"{score}_percentile": "percentile"}).to_dict(orient="records")
+            .rename(columns={score: "score", f"{score}_pvalue": "pvalue"}).to_dict(orient="records")
             for label, frame in selected.items()
         },
     }
@@ -146,16 +166,20 @@ def format_summary(result: ReportResult) -> str:
         ref = " (own training set)" if row["reference"] else ""
         lines.append(
             f"\n{row['family']} -> {row['dataset']}{ref}: {row['n_structures']} structures, "
-            f"{row['n_atoms']} atoms; {row['n_ood']} above the {row['ood_percentile']:g}th percentile "
-            f"of the held-out training structures ({row['score']}); {row['strategy']} selection of "
-            f"{row['n_selected']}"
+            f"{row['n_atoms']} atoms; {row['n_ood']} flagged ood (p <= {row['alpha']:g} against "
+            f"{row['n_calibration']} held-out training structures, {row['score']}"
+            + (f" of {row['combined_of'].replace(',', ', ')}" if row["combined_of"] else "")
+            + f"); {row['strategy']} selection of {row['n_selected']}"
         )
+        if row["delivered_rate"] > row["alpha"] + 1e-12:
+            lines.append(f"  note: the flag's false-flag rate is {row['delivered_rate']:.3f}, not {row['alpha']:g}: "
+                         f"{row['n_calibration']} calibration structures are too few")
         if row.get("selection_note"):
             lines.append(f"  note: {row['selection_note']}")
-        lines.append(f"  {'pick':>4}  {'rank':>4}  {row['score']:>15}  {'pctl':>6}  {'n_atoms':>7}  structure")
+        lines.append(f"  {'pick':>4}  {'rank':>4}  {row['score']:>15}  {'p':>7}  {'n_atoms':>7}  structure")
         for top in result["top"][row["evaluation"]]:
             lines.append(
-                f"  {top['selected']:>4}  {top['rank']:>4}  {top['score']:>15.4e}  {top['percentile']:>6.1f}  "
+                f"  {top['selected']:>4}  {top['rank']:>4}  {top['score']:>15.4e}  {top['pvalue']:>7.3f}  "
                 f"{top['n_atoms']:>7}  {top['structure_id']} ({top['formula']})"
             )
         lines.append(f"  files: {row['top_dir']}")

@@ -27,9 +27,11 @@ PERCENTILE_FORMAT = "0.0"
 
 def column_number_format(column: str) -> str | None:
     """Scores with 3 significant digits, percentiles with 1 decimal; flags stay booleans (TRUE/FALSE)."""
-    if column.endswith("_percentile") or column == "ood_percentile":
+    if column.endswith("_percentile"):
         return PERCENTILE_FORMAT
-    if column in ALL_SCORES or column in ("median_score", "max_score", "nearest_training_distance"):
+    if column in ALL_SCORES or column.endswith("_pvalue") or column in (
+        "median_score", "max_score", "nearest_training_distance", "alpha", "delivered_rate",
+    ):
         return SCORE_FORMAT
     return None
 

@@ -11,6 +11,7 @@ import xarray as xr
 from mace_ood.files import pyplot, save_figure
 from mace_ood.report.tables import per_atom_name
 from mace_ood.runtime import hdf5_in_this_thread
+from mace_ood.score.conformal import conformal_threshold
 from mace_ood.score.reference import sample_atoms
 
 
@@ -63,9 +64,11 @@ def plot_latent_pca(
 
 
 def plot_score_histograms(
-    tables: list[pd.DataFrame], references: list[pd.DataFrame], score: str, percentile: float, path: Path
+    tables: list[pd.DataFrame], references: list[pd.DataFrame], score: str, alpha: float, path: Path
 ) -> str | None:
-    """Per evaluation: the score histogram, its family's training-set histogram and the OOD threshold."""
+    """Per evaluation: the score histogram, its family's calibration-set histogram and the score the
+    conformal flag at ``alpha`` needs to exceed (for a size-aware ``_max`` flag it depends on the size:
+    then the line is the threshold for the calibration structures' sizes)."""
     if not tables:
         return None
     plt = pyplot()
@@ -79,11 +82,11 @@ def plot_score_histograms(
             continue
         bins = np.linspace(both.min(), both.max(), 40) if both.min() != both.max() else 10
         family, dataset = table["family"].iloc[0], table["dataset"].iloc[0]
-        ax.hist(ref_values, bins=bins, alpha=0.45, label=f"{family} training set (reference)", color="tab:grey")
+        ax.hist(ref_values, bins=bins, alpha=0.45, label=f"{family} calibration structures", color="tab:grey")
         if not table["reference"].iloc[0]:
             ax.hist(values, bins=bins, alpha=0.6, label=f"{dataset}", color="tab:red")
-        threshold = np.nanpercentile(ref_values, percentile)
-        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"{percentile:g}th percentile")
+        threshold = conformal_threshold(ref_values, alpha)
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"ood threshold (alpha {alpha:g})")
         ax.set_title(f"{family} on {dataset}", fontsize=9)
         ax.set_ylabel("structures")
         ax.legend(fontsize=7)

@@ -1,5 +1,5 @@
 """Calibration against the held-out part of the family's own training set: percentiles, the
-``ood`` flag, and the ``combined`` score.
+conformal ``ood`` flag, and the ``combined`` score (the rules: :mod:`mace_ood.score.conformal`).
 
 The reference statistics are fitted on the *fit* part of the training set only (see
 :mod:`mace_ood.score.reference`); every number here is taken against the *calibration*
@@ -8,12 +8,26 @@ part, whose atoms were never seen by the fit, so no structure is measured agains
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from mace_ood.config import SelectConfig
 from mace_ood.records import EvaluationPlan
 from mace_ood.score.compute import ALL_SCORES, COMBINED_SCORE
+from mace_ood.score.conformal import (
+    Pool,
+    combined_from_log_pvalues,
+    conformal_pvalue,
+    delivered_rate,
+    effective_alpha,
+    sidak_log_pvalue,
+)
+from mace_ood.score.reference import structure_atom_rows
 
 CALIBRATION_SPLITS = ("calibration", "fit+calibration")  # the latter: too few structures to split
 
@@ -27,35 +41,6 @@ def percentile_against(values: np.ndarray, reference_values: np.ndarray) -> np.n
     values = np.asarray(values, dtype=float)
     percent = 100.0 * np.searchsorted(reference_values, values, side="right") / reference_values.size
     return np.where(np.isnan(values), np.nan, percent)
-
-
-def exceedance(values: np.ndarray, calibration_values: np.ndarray, upper: float = 99.0) -> np.ndarray:
-    """How far beyond the calibration distribution: (x - median) / (upper percentile - median).
-
-    0 at the calibration median, 1 at its ``upper`` percentile; unbounded above, so far-out
-    structures stay ranked (a percentile saturates at 100).
-    """
-    calibration_values = np.asarray(calibration_values, dtype=float)
-    calibration_values = calibration_values[np.isfinite(calibration_values)]
-    if calibration_values.size == 0:
-        return np.full(len(values), np.nan)
-    median, high = np.percentile(calibration_values, [50.0, upper])
-    spread = high - median
-    if not spread > 0:
-        spread = max(float(np.std(calibration_values)), 1e-12 * max(abs(median), 1.0))
-    return (np.asarray(values, dtype=float) - median) / spread
-
-
-def combine_exceedances(values: dict[str, np.ndarray], calibration: dict[str, np.ndarray]) -> np.ndarray:
-    """The combined score: the mean over scores of asinh(exceedance).
-
-    asinh is linear near the calibration range and logarithmic far beyond it, so no single
-    score with a heavy tail (a GMM log-likelihood, say) outvotes the others.
-    """
-    if not values:
-        raise ValueError("the combined score needs at least one component score")
-    parts = [np.arcsinh(exceedance(values[name], calibration[name])) for name in values]
-    return np.mean(parts, axis=0)
 
 
 def combined_components(table: pd.DataFrame, select: SelectConfig) -> list[str]:
@@ -75,25 +60,127 @@ def reference_evaluation(evaluations: list[EvaluationPlan], family: str) -> Eval
     return next(e for e in evaluations if e.family == family and e.reference)
 
 
-def add_percentiles(tables: dict[str, pd.DataFrame], evaluations: list[EvaluationPlan], select: SelectConfig) -> None:
-    """Per evaluation: the ``combined`` score, ``<score>_percentile`` against the calibration part of
-    the family's own training set, and the ``ood`` flag (ranking score above ``ood_percentile``)."""
+@dataclass
+class AtomCalibration:
+    """One per-atom score of the calibration structures' atoms, for the size-aware p-value of a
+    ``<score>_max``; with each calibration structure's own atoms at or above its max (to leave out)."""
+
+    pool: Pool
+    own_at_or_above: dict[str, int]
+    own_count: dict[str, int]
+
+
+def read_atom_calibration(scores_file: str | Path, calibration_ids: list[str], names: list[str]) -> dict[str, AtomCalibration]:
+    """Per ``<score>_max`` in ``names``: the calibration atoms' per-atom values (``atom_<score>``)."""
+    out: dict[str, AtomCalibration] = {}
+    with xr.open_dataset(scores_file, engine="netcdf4") as ds:
+        ids = ds["structure_id"].values.astype(str)
+        which = np.isin(ids, list(calibration_ids))
+        counts = ds["n_atoms"].values[which]
+        starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+        rows = structure_atom_rows(ds["atom_offset"].values, ds["n_atoms"].values, which)
+        for name in names:
+            per_atom = f"atom_{name.removesuffix('_max')}"
+            if not name.endswith("_max") or per_atom not in ds:
+                continue
+            values = np.asarray(ds[per_atom].values, dtype=float)[rows]
+            at_max: np.ndarray | list = []
+            if len(rows):
+                maxima = np.repeat(np.maximum.reduceat(values, starts), counts)
+                at_max = np.add.reduceat((values >= maxima).astype(np.int64), starts)
+            out[name] = AtomCalibration(
+                Pool.of(values), dict(zip(ids[which], map(int, at_max), strict=True)),
+                dict(zip(ids[which], map(int, counts), strict=True)),
+            )
+    return out
+
+
+def component_log_pvalues(
+    table: pd.DataFrame, name: str, calibration_rows: pd.DataFrame, own_rows: np.ndarray,
+    atoms: AtomCalibration | None,
+) -> np.ndarray:
+    """log p of one component per row of ``table``: a ``_max`` with its calibration atoms is
+    size-aware (Sidak over the structure's atoms), anything else is against the calibration
+    structures. ``own_rows``: rows that are calibration structures (left out of their own pool)."""
+    values = table[name].to_numpy(dtype=float)
+    if atoms is not None:
+        ids = table["structure_id"].astype(str).to_numpy()
+        own_ge = np.where(own_rows, [atoms.own_at_or_above.get(i, 0) for i in ids], 0)
+        own_n = np.where(own_rows, [atoms.own_count.get(i, 0) for i in ids], 0)
+        log_atom = atoms.pool.log_pvalue(values, own_ge, own_n)
+        return sidak_log_pvalue(log_atom, table["n_atoms"].to_numpy())
+    pool = Pool.of(calibration_rows[name].to_numpy(dtype=float))
+    own = (own_rows & np.isfinite(values)).astype(float)
+    return pool.log_pvalue(values, own, own)
+
+
+def add_percentiles(
+    tables: dict[str, pd.DataFrame],
+    evaluations: list[EvaluationPlan],
+    select: SelectConfig,
+    atom_calibration: dict[str, dict[str, AtomCalibration]] | None = None,
+) -> dict[str, dict]:
+    """Per evaluation, against the calibration part of the family's own training set: the
+    ``combined`` score and its ``combined_driver`` (:mod:`mace_ood.score.conformal`),
+    ``<score>_percentile`` for every score, the ranking score's conformal ``<score>_pvalue`` and
+    the ``ood`` flag (p-value at most ``select.alpha``, or 1 / (n + 1) when n is too small).
+
+    ``atom_calibration``: per family, :func:`read_atom_calibration` of its training set, which
+    makes ``_max`` components size-aware. Returns per family what the flag could deliver
+    (n_calibration, alpha, effective_alpha, delivered_rate, the components)."""
+    atom_calibration = atom_calibration or {}
+    delivered = {}
     for family in dict.fromkeys(e.family for e in evaluations):
-        reference = tables[reference_evaluation(evaluations, family).label]
+        own_label = reference_evaluation(evaluations, family).label
+        reference = tables[own_label]
         calibration_rows = reference[calibration_mask(reference)]
         components = combined_components(reference, select)
-        calibration = {name: calibration_rows[name].to_numpy() for name in components}
-        for evaluation in [e for e in evaluations if e.family == family]:
-            table = tables[evaluation.label]
+        atoms = atom_calibration.get(family, {})
+        family_tables = {e.label: tables[e.label] for e in evaluations if e.family == family}
+        own = {label: (calibration_mask(t) if label == own_label else np.zeros(len(t), dtype=bool))
+               for label, t in family_tables.items()}
+        for label, table in family_tables.items():
             if components:
-                table[COMBINED_SCORE] = combine_exceedances(
-                    {name: table[name].to_numpy() for name in components}, calibration
-                )
+                logs = {name: component_log_pvalues(table, name, calibration_rows, own[label], atoms.get(name))
+                        for name in components}
+                table[COMBINED_SCORE], table[f"{COMBINED_SCORE}_driver"] = combined_from_log_pvalues(logs)
         calibration_rows = reference[calibration_mask(reference)]  # now with the combined score
-        for evaluation in [e for e in evaluations if e.family == family]:
-            table = tables[evaluation.label]
+        flag_of = {label: _flag_statistic(t, select.score, calibration_rows, own[label], atoms.get(select.score))
+                   for label, t in family_tables.items()}
+        calibration_flag = flag_of[own_label][calibration_mask(reference)]
+        n_calibration = int(np.isfinite(calibration_flag).sum())
+        level = effective_alpha(select.alpha, n_calibration)
+        for label, table in family_tables.items():
             for score in [c for c in ALL_SCORES if c in table.columns]:
                 table[f"{score}_percentile"] = percentile_against(
                     table[score].to_numpy(), calibration_rows[score].to_numpy()
                 )
-            table["ood"] = table[f"{select.score}_percentile"] > select.ood_percentile
+            table[f"{select.score}_pvalue"] = conformal_pvalue(flag_of[label], calibration_flag, own[label])
+            table["ood"] = (table[f"{select.score}_pvalue"] <= level + 1e-12).to_numpy()
+        delivered[family] = {
+            "n_calibration": n_calibration, "alpha": select.alpha, "effective_alpha": level,
+            "delivered_rate": delivered_rate(select.alpha, n_calibration), "components": components,
+        }
+    return delivered
+
+
+def _flag_statistic(table: pd.DataFrame, score: str, calibration_rows: pd.DataFrame, own_rows: np.ndarray,
+                    atoms: AtomCalibration | None) -> np.ndarray:
+    """What the flag's conformal p-value is taken of: the score itself, or for a ``_max`` score
+    with calibration atoms its size-aware surprise (-log p of the Sidak-adjusted atom p-value)."""
+    if atoms is not None and score.endswith("_max"):
+        return -component_log_pvalues(table, score, calibration_rows, own_rows, atoms)
+    return table[score].to_numpy(dtype=float)
+
+
+def alpha_note(family: str, delivered: dict) -> str:
+    """One line on what the flag can deliver with this calibration set, in words."""
+    n, alpha, rate = delivered["n_calibration"], delivered["alpha"], delivered["delivered_rate"]
+    if n == 0:
+        return f"{family}: no calibration structures: no structure can be flagged ood"
+    if delivered["effective_alpha"] > alpha:
+        return (f"{family}: {n} calibration structures cannot deliver alpha = {alpha:g} (the smallest p-value is "
+                f"1/{n + 1} = {1 / (n + 1):.3f}); ood flags structures above every calibration structure, a "
+                f"false-flag rate of {rate:.3f} on in-distribution data. Hold out more (scores.calibration_fraction) "
+                f"or add training data: alpha = {alpha:g} needs {math.ceil(1 / alpha) - 1} or more")
+    return f"{family}: {n} calibration structures; ood at alpha = {alpha:g} delivers a false-flag rate of {rate:.4f}"

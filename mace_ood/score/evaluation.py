@@ -17,6 +17,9 @@ from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.latents import open_latents
 from mace_ood.score.reference import (
+    CALIBRATION,
+    FIT,
+    GAP,
     MIN_STRUCTURES_TO_SPLIT,
     FamilyReference,
     fit_reference,
@@ -33,20 +36,30 @@ def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, sco
     own training set; the calibration part's structure ids are stored with it."""
     with open_latents(list(evaluation.latent_paths)) as latents:
         ids = latents["structure_id"].values.astype(str)
-        held_out = split_structures(len(ids), scores.calibration_fraction, scores.split_seed)
+        side = split_structures(
+            latents["source_file"].values.astype(str), latents["frame_index"].values, scores.calibration_fraction,
+            scores.split_seed, scores.split_block_frames, scores.split_gap_frames,
+        )
+        held_out = side == CALIBRATION
         if not held_out.any():
             log.warning(
                 "%s: only %d training structures (< %d): the reference is calibrated on the data it was "
                 "fitted on, so percentiles and the ood flag are optimistic", evaluation.family, len(ids),
                 MIN_STRUCTURES_TO_SPLIT,
             )
-        fit_rows = structure_atom_rows(latents["atom_offset"].values, latents["n_atoms"].values, ~held_out)
+        fit_rows = structure_atom_rows(latents["atom_offset"].values, latents["n_atoms"].values, side == FIT)
         reference = fit_reference(
             latents["latent"], max_atoms=scores.reference_max_atoms, knn_k=scores.knn_k, ridge=scores.ridge,
             gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms, atoms=fit_rows,
         )
     reference.calibration_ids = list(ids[held_out]) if held_out.any() else list(ids)
     reference.calibration_in_sample = not held_out.any()
+    reference.gap_ids = list(ids[side == GAP])
+    log.info(
+        "%s: split of %d training structures by file and %d-frame block: %d fit, %d calibration, %d gap",
+        evaluation.family, len(ids), scores.split_block_frames, int((side == FIT).sum()), int(held_out.sum()),
+        int((side == GAP).sum()),
+    )
     return str(reference.save(reference_path(output_dir, evaluation.family)))
 
 
@@ -69,8 +82,8 @@ def score_evaluation(
         scores = compute_scores(latents, reference, device)
         if evaluation.reference and reference is not None:
             ids = scores["structure_id"].values.astype(str)
-            held_out = set(reference.calibration_ids)
-            split = ["calibration" if i in held_out else "fit" for i in ids]
+            held_out, gap = set(reference.calibration_ids), set(getattr(reference, "gap_ids", []))
+            split = [CALIBRATION if i in held_out else GAP if i in gap else FIT for i in ids]
             if reference.calibration_in_sample:
                 split = ["fit+calibration"] * len(ids)
             scores["split"] = ("structure", np.array(split, dtype=object))

@@ -1,14 +1,15 @@
 """What a family's own training set looks like in latent space, per seed.
 
 Fitted once per family on the latents of the family scoring its own training set, on a
-random subsample of the atoms of the *fit* part of a structure-level split; the other part
-(*calibration*) is never seen by the fit and is what percentiles, the ``ood`` threshold and
+random subsample of the atoms of the *fit* part of a group-level split (source file and block
+of consecutive frames, :func:`split_structures`); the *calibration* part is never seen by the fit and is what percentiles, the ``ood`` threshold and
 the combined score are calibrated on. Saved beside the latents; used by the
 reference-based scores in :mod:`mace_ood.score.compute`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class FamilyReference:
     knn_k: int
     settings: dict = field(default_factory=dict)
     calibration_ids: list[str] = field(default_factory=list)  # training structures held out of the fit
+    gap_ids: list[str] = field(default_factory=list)  # neighbours of calibration frames: in neither part
     calibration_in_sample: bool = False  # too few structures to split: calibrated on fit data
 
     def save(self, path: str | Path) -> Path:
@@ -85,18 +87,65 @@ def fit_gmm(sample: np.ndarray, components: tuple[int, ...], max_atoms: int, see
 
 
 MIN_STRUCTURES_TO_SPLIT = 10
+FIT, CALIBRATION, GAP = "fit", "calibration", "gap"
 
 
-def split_structures(n_structures: int, calibration_fraction: float, seed: int) -> np.ndarray:
-    """True for the structures held out for calibration: a seeded random ``calibration_fraction``
-    (at least 2 structures, and at least 2 left to fit). With fewer than ``MIN_STRUCTURES_TO_SPLIT``
-    structures nothing is held out (all False): calibration is then in-sample, and said so."""
-    held_out = np.zeros(n_structures, dtype=bool)
-    if n_structures < MIN_STRUCTURES_TO_SPLIT:
-        return held_out
-    n_calibration = min(max(2, round(calibration_fraction * n_structures)), n_structures - 2)
-    held_out[np.random.default_rng(seed).choice(n_structures, n_calibration, replace=False)] = True
-    return held_out
+def split_groups(source_files: np.ndarray, frame_index: np.ndarray, block_frames: int) -> list[tuple[str, int]]:
+    """Each structure's group: its source file (by name) and its block of ``block_frames``
+    consecutive frames in that file. MD frames within a block are neighbours; whole blocks go
+    to one side of the split."""
+    names = [Path(str(f)).name for f in source_files]
+    return [(name, int(i) // block_frames) for name, i in zip(names, np.asarray(frame_index), strict=True)]
+
+
+def group_unit(group: tuple[str, int], seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the group's identity and the seed alone, so a group's side
+    of the split does not change when other data is added."""
+    digest = hashlib.sha256(f"{seed}\0{group[0]}\0{group[1]}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_structures(
+    source_files: np.ndarray,
+    frame_index: np.ndarray,
+    calibration_fraction: float,
+    seed: int,
+    block_frames: int = 10,
+    gap_frames: int = 1,
+) -> np.ndarray:
+    """Each structure's side: ``fit``, ``calibration`` or ``gap``.
+
+    A group (:func:`split_groups`) is held out for calibration when its hash unit
+    (:func:`group_unit`) is below ``calibration_fraction``: stable under appended data, and no
+    calibration frame shares a block with a fit frame. Fit frames within ``gap_frames`` of a
+    calibration frame of the same file are ``gap`` (used by neither side), so no calibration
+    frame has a fit-frame neighbour in its trajectory. If the hash holds out no group, the group
+    with the smallest unit is held out (and if it holds out all, the largest is fitted on). With
+    fewer than ``MIN_STRUCTURES_TO_SPLIT`` structures or a single group, everything is ``fit``:
+    calibration is then in-sample, and said so.
+    """
+    n = len(source_files)
+    side = np.full(n, FIT, dtype=object)
+    groups = split_groups(source_files, frame_index, block_frames)
+    distinct = list(dict.fromkeys(groups))
+    if n < MIN_STRUCTURES_TO_SPLIT or len(distinct) < 2:
+        return side
+    unit = {group: group_unit(group, seed) for group in distinct}
+    held = {group for group in distinct if unit[group] < calibration_fraction}
+    if not held:
+        held = {min(distinct, key=unit.__getitem__)}
+    if len(held) == len(distinct):
+        held.discard(max(distinct, key=unit.__getitem__))
+    side[[g in held for g in groups]] = CALIBRATION
+    frames: dict[str, dict[int, str]] = {}
+    for (name, _), frame, s in zip(groups, np.asarray(frame_index), side, strict=True):
+        frames.setdefault(name, {})[int(frame)] = s
+    for row, ((name, _), frame) in enumerate(zip(groups, np.asarray(frame_index), strict=True)):
+        if side[row] == FIT and any(
+            frames[name].get(int(frame) + d) == CALIBRATION for d in range(-gap_frames, gap_frames + 1) if d
+        ):
+            side[row] = GAP
+    return side
 
 
 def structure_atom_rows(atom_offset: np.ndarray, n_atoms: np.ndarray, which: np.ndarray) -> np.ndarray:

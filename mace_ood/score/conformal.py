@@ -1,0 +1,145 @@
+"""Conformal p-values: the ``ood`` flag, and the size-aware, veto-free ``combined`` score.
+
+The flag's guarantee comes from one step: a structure's p-value for the ranking score R is
+
+    p = (1 + #{calibration structures with R >= r}) / (n + 1),
+
+and ``ood`` is ``p <= alpha``. If the new structure and the n calibration structures are
+exchangeable (drawn alike: in distribution), P(p <= alpha) = floor(alpha (n + 1)) / (n + 1) <= alpha,
+for any n and any score (Vovk et al., *Algorithmic Learning in a Random World*, 2005). When
+alpha < 1 / (n + 1) no p-value can reach alpha; the flag is then "above every calibration
+structure", whose false-flag rate is 1 / (n + 1), and the run says so (:func:`effective_alpha`).
+
+Everything else here only decides *what* R is, so it cannot break the guarantee:
+
+- A per-structure max over n atoms grows with n. For a ``<score>_max`` component the structure's
+  statistic is the Sidak-adjusted p-value of its most unusual atom against the calibration
+  *atoms*, 1 - (1 - p_atom)^n: a bigger cell of the training material is not more surprising.
+- Beyond the calibration values an exponential tail (fitted to the top ``TAIL_FRACTION`` of the
+  pool) continues the p-value, so far-out structures stay ranked instead of tying at 1 / (N + 1).
+- ``combined`` = -log10 of the smallest component p-value: one-sided, so a component far below
+  its calibration median (zero force deviation on a perfect strained cell) cannot cancel another
+  component's exceedance.
+
+Calibration structures are scored leaving themselves (their own atoms) out of the pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+TAIL_FRACTION = 0.1  # the share of the pool the exponential tail is fitted to
+MIN_TAIL = 5  # fewer pool values than 2 * MIN_TAIL: no tail, the empirical p-value only
+
+
+def conformal_pvalue(values: np.ndarray, calibration: np.ndarray, is_calibration: np.ndarray | None = None) -> np.ndarray:
+    """(1 + #{calibration >= x}) / (n + 1) per value; for rows that are themselves calibration
+    structures (``is_calibration``), leave-one-out: #{calibration >= x} / n. NaN for a NaN value or
+    an empty calibration set."""
+    calibration = np.sort(np.asarray(calibration, dtype=float)[np.isfinite(calibration)])
+    values = np.asarray(values, dtype=float)
+    n = calibration.size
+    if n == 0:
+        return np.full(values.shape, np.nan)
+    at_or_above = n - np.searchsorted(calibration, values, side="left")
+    p = (1.0 + at_or_above) / (n + 1.0)
+    if is_calibration is not None:
+        mine = np.asarray(is_calibration, dtype=bool)
+        p = np.where(mine, at_or_above / max(n, 1), p) if n > 1 else p
+    return np.where(np.isnan(values), np.nan, p)
+
+
+def effective_alpha(alpha: float, n_calibration: int) -> float:
+    """The level the flag is tested at: ``alpha``, or 1 / (n + 1) when n is too small to reach it."""
+    return max(alpha, 1.0 / (n_calibration + 1)) if n_calibration > 0 else float("nan")
+
+
+def delivered_rate(alpha: float, n_calibration: int) -> float:
+    """The false-flag rate the flag delivers on in-distribution data: floor(a (n+1)) / (n+1), a the
+    effective alpha."""
+    if n_calibration <= 0:
+        return float("nan")
+    a = effective_alpha(alpha, n_calibration)
+    return math.floor(a * (n_calibration + 1) + 1e-9) / (n_calibration + 1)
+
+
+def conformal_threshold(calibration: np.ndarray, alpha: float) -> float:
+    """The score a structure must exceed to be flagged at ``alpha`` (the effective alpha)."""
+    calibration = np.sort(np.asarray(calibration, dtype=float)[np.isfinite(calibration)])
+    n = calibration.size
+    if n == 0:
+        return float("nan")
+    allowed = math.floor(effective_alpha(alpha, n) * (n + 1) + 1e-9) - 1  # calibration values >= x allowed
+    return float(calibration[n - allowed - 1])
+
+
+@dataclass
+class Pool:
+    """Sorted calibration values (atoms or structures) a component's p-values are taken against,
+    and the exponential tail beyond its top: p(x) = p(u) exp(-(x - u) / beta) for x > u."""
+
+    values: np.ndarray
+    tail_start: float = np.nan
+    tail_scale: float = np.nan
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Pool:
+        values = np.sort(np.asarray(values, dtype=float)[np.isfinite(values)])
+        n = values.size
+        if n < 2 * MIN_TAIL:
+            return cls(values)
+        k = max(MIN_TAIL, math.ceil(TAIL_FRACTION * n))
+        start = values[n - k - 1]
+        scale = float(np.mean(values[n - k :] - start))
+        return cls(values, float(start), scale) if scale > 0 else cls(values)
+
+    def log_pvalue(self, x: np.ndarray, own_at_or_above: np.ndarray | None = None,
+                   own_count: np.ndarray | None = None) -> np.ndarray:
+        """log p per value: (1 + #{pool >= x}) / (N + 1), a row's own pool entries (``own_*``) left
+        out, and below it the exponential tail where that is smaller. NaN for NaN."""
+        x = np.asarray(x, dtype=float)
+        n = self.values.size
+        if n == 0:
+            return np.full(x.shape, np.nan)
+        at_or_above = (n - np.searchsorted(self.values, x, side="left")).astype(float)
+        size = np.full(x.shape, float(n))
+        if own_at_or_above is not None:
+            at_or_above = at_or_above - np.asarray(own_at_or_above, dtype=float)
+            size = size - np.asarray(own_count, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_p = np.log1p(at_or_above) - np.log1p(size)
+            if np.isfinite(self.tail_scale):
+                k = n - np.searchsorted(self.values, self.tail_start, side="right")
+                log_tail = math.log1p(k) - np.log1p(size) - (x - self.tail_start) / self.tail_scale
+                log_p = np.where(x > self.tail_start, np.minimum(log_p, log_tail), log_p)
+        return np.where(np.isnan(x), np.nan, log_p)
+
+
+def sidak_log_pvalue(log_p_atom: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """log of 1 - (1 - p)^n: the p-value of the smallest of n atom p-values (exact for independent
+    atoms, conservative for positively correlated ones), stable for tiny p."""
+    log_p = np.asarray(log_p_atom, dtype=float)
+    n = np.asarray(n_atoms, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        p = np.exp(log_p)
+        exact = np.log(-np.expm1(n * np.log1p(-np.minimum(p, 1.0))))
+        small = np.log(n) + log_p  # 1 - (1 - p)^n = n p (1 + O(n p))
+    return np.where(np.isnan(log_p), np.nan, np.where(n * p < 1e-8, small, np.minimum(exact, 0.0)))
+
+
+def combined_from_log_pvalues(log_pvalues: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``combined`` = -log10 min_c p_c over the components, and the name of that component per row
+    (NaN components are ignored; all NaN gives NaN and '')."""
+    if not log_pvalues:
+        raise ValueError("the combined score needs at least one component score")
+    names = list(log_pvalues)
+    stacked = np.stack([np.asarray(log_pvalues[name], dtype=float) for name in names])
+    filled = np.where(np.isnan(stacked), np.inf, stacked)
+    which = np.argmin(filled, axis=0)
+    smallest = np.take_along_axis(filled, which[None], axis=0)[0]
+    combined = np.where(np.isinf(smallest) & (smallest > 0), np.nan, -smallest / math.log(10))
+    driver = np.where(np.isnan(combined), "", np.asarray(names, dtype=object)[which])
+    return combined, driver
