@@ -130,12 +130,13 @@ def test_run_end_to_end(finished_run):
     assert {"summary", "MACE_T1__T2", "MACE_T2__T1", "skipped"} <= set(book.sheetnames)
     sheet = book["MACE_T1__T2"]
     header = [c.value for c in sheet[1]]
-    assert header[:8] == ["family", "dataset", "reference", "rank", "selected", DEFAULT_SCORE,
-                          f"{DEFAULT_SCORE}_percentile", "ood"]
+    assert header[:9] == ["family", "dataset", "reference", "rank", "selected", DEFAULT_SCORE,
+                          f"{DEFAULT_SCORE}_pvalue", "ood", f"{DEFAULT_SCORE}_percentile"]
     assert "latent_variance" in header and "knn_distance" in header and "gmm_nll" in header
     assert sheet.freeze_panes == "A2" and sheet.max_row == 3
     assert sheet["F2"].value == pytest.approx(best[DEFAULT_SCORE])
-    assert sheet["F2"].number_format == "0.00E+00" and sheet["G2"].number_format == "0.0"
+    assert sheet["F2"].number_format == "0.00E+00" and sheet["G2"].number_format == "0.00E+00"
+    assert sheet["I2"].number_format == "0.0"
     assert sheet["H2"].value in (True, False) and sheet["H2"].data_type == "b"  # TRUE/FALSE in Excel
     assert {"group_size", "nearest_training_id", "nearest_training_distance"} <= set(header)
 

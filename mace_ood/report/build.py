@@ -52,9 +52,10 @@ def build_report(
         training = by_label[evaluation.label]
         atom_calibration[evaluation.family] = read_atom_calibration(
             files[evaluation.label], list(training.loc[calibration_mask(training), "structure_id"]),
-            sorted({*config.select.combine, config.select.score}),
+            sorted({*config.select.combine, config.select.score}), config.scores.split_block_frames,
         )
-    delivered = add_percentiles(by_label, evaluations, config.select, atom_calibration)
+    delivered = add_percentiles(by_label, evaluations, config.select, atom_calibration,
+                                config.scores.split_block_frames)
     for family, flag in delivered.items():
         components = flag["components"]
         log.info("%s: ranking by %s%s", family, score,

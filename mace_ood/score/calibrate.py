@@ -25,9 +25,10 @@ from mace_ood.score.conformal import (
     conformal_pvalue,
     delivered_rate,
     effective_alpha,
+    group_own_counts,
     sidak_log_pvalue,
 )
-from mace_ood.score.reference import structure_atom_rows
+from mace_ood.score.reference import split_groups, structure_atom_rows
 
 CALIBRATION_SPLITS = ("calibration", "fit+calibration")  # the latter: too few structures to split
 
@@ -60,48 +61,67 @@ def reference_evaluation(evaluations: list[EvaluationPlan], family: str) -> Eval
     return next(e for e in evaluations if e.family == family and e.reference)
 
 
+def structure_groups(table: pd.DataFrame, block_frames: int) -> np.ndarray:
+    """Each row's split group (source file name and frame block); each row its own group when the
+    table has no file columns."""
+    if {"source_file", "frame_index"} <= set(table.columns):
+        groups = split_groups(table["source_file"].to_numpy(), table["frame_index"].to_numpy(), block_frames)
+        return np.array([f"{name}\0{block}" for name, block in groups], dtype=object)
+    return table["structure_id"].astype(str).to_numpy(dtype=object)
+
+
 @dataclass
 class AtomCalibration:
     """One per-atom score of the calibration structures' atoms, for the size-aware p-value of a
-    ``<score>_max``; with each calibration structure's own atoms at or above its max (to leave out)."""
+    ``<score>_max``; per calibration structure, its own group's atoms at or above its max and
+    their number (left out of its pool)."""
 
     pool: Pool
     own_at_or_above: dict[str, int]
     own_count: dict[str, int]
 
 
-def read_atom_calibration(scores_file: str | Path, calibration_ids: list[str], names: list[str]) -> dict[str, AtomCalibration]:
+def read_atom_calibration(
+    scores_file: str | Path, calibration_ids: list[str], names: list[str], block_frames: int = 10,
+) -> dict[str, AtomCalibration]:
     """Per ``<score>_max`` in ``names``: the calibration atoms' per-atom values (``atom_<score>``)."""
     out: dict[str, AtomCalibration] = {}
     with xr.open_dataset(scores_file, engine="netcdf4") as ds:
         ids = ds["structure_id"].values.astype(str)
         which = np.isin(ids, list(calibration_ids))
-        counts = ds["n_atoms"].values[which]
+        counts = ds["n_atoms"].values[which].astype(np.int64)
         starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
         rows = structure_atom_rows(ds["atom_offset"].values, ds["n_atoms"].values, which)
+        groups = structure_groups(pd.DataFrame({
+            "structure_id": ids[which], "source_file": ds["source_file"].values.astype(str)[which],
+            "frame_index": ds["frame_index"].values[which],
+        }), block_frames)
+        per_atom_values = {}
         for name in names:
             per_atom = f"atom_{name.removesuffix('_max')}"
-            if not name.endswith("_max") or per_atom not in ds:
-                continue
-            values = np.asarray(ds[per_atom].values, dtype=float)[rows]
-            at_max: np.ndarray | list = []
-            if len(rows):
-                maxima = np.repeat(np.maximum.reduceat(values, starts), counts)
-                at_max = np.add.reduceat((values >= maxima).astype(np.int64), starts)
-            out[name] = AtomCalibration(
-                Pool.of(values), dict(zip(ids[which], map(int, at_max), strict=True)),
-                dict(zip(ids[which], map(int, counts), strict=True)),
-            )
+            if name.endswith("_max") and per_atom in ds:
+                per_atom_values[name] = np.asarray(ds[per_atom].values, dtype=float)[rows]
+    for name, values in per_atom_values.items():
+        own_ge, own_n = {}, {}
+        if len(rows):
+            maxima = np.maximum.reduceat(values, starts)
+            atom_group = np.repeat(groups, counts)
+            for group in dict.fromkeys(groups):
+                member = np.sort(values[atom_group == group])
+                for k in np.flatnonzero(groups == group):
+                    own_ge[ids[which][k]] = int(len(member) - np.searchsorted(member, maxima[k], side="left"))
+                    own_n[ids[which][k]] = len(member)
+        out[name] = AtomCalibration(Pool.of(values), own_ge, own_n)
     return out
 
 
 def component_log_pvalues(
     table: pd.DataFrame, name: str, calibration_rows: pd.DataFrame, own_rows: np.ndarray,
-    atoms: AtomCalibration | None,
+    atoms: AtomCalibration | None, block_frames: int = 10,
 ) -> np.ndarray:
     """log p of one component per row of ``table``: a ``_max`` with its calibration atoms is
     size-aware (Sidak over the structure's atoms), anything else is against the calibration
-    structures. ``own_rows``: rows that are calibration structures (left out of their own pool)."""
+    structures. ``own_rows``: rows that are calibration structures (their group left out)."""
     values = table[name].to_numpy(dtype=float)
     if atoms is not None:
         ids = table["structure_id"].astype(str).to_numpy()
@@ -110,8 +130,8 @@ def component_log_pvalues(
         log_atom = atoms.pool.log_pvalue(values, own_ge, own_n)
         return sidak_log_pvalue(log_atom, table["n_atoms"].to_numpy())
     pool = Pool.of(calibration_rows[name].to_numpy(dtype=float))
-    own = (own_rows & np.isfinite(values)).astype(float)
-    return pool.log_pvalue(values, own, own)
+    own_ge, own_n = group_own_counts(values, structure_groups(table, block_frames), own_rows)
+    return pool.log_pvalue(values, own_ge, own_n)
 
 
 def add_percentiles(
@@ -119,6 +139,7 @@ def add_percentiles(
     evaluations: list[EvaluationPlan],
     select: SelectConfig,
     atom_calibration: dict[str, dict[str, AtomCalibration]] | None = None,
+    block_frames: int = 10,
 ) -> dict[str, dict]:
     """Per evaluation, against the calibration part of the family's own training set: the
     ``combined`` score and its ``combined_driver`` (:mod:`mace_ood.score.conformal`),
@@ -126,7 +147,8 @@ def add_percentiles(
     the ``ood`` flag (p-value at most ``select.alpha``, or 1 / (n + 1) when n is too small).
 
     ``atom_calibration``: per family, :func:`read_atom_calibration` of its training set, which
-    makes ``_max`` components size-aware. Returns per family what the flag could deliver
+    makes ``_max`` components size-aware. ``block_frames``: the split's frame blocks (a calibration
+    structure is compared with the other groups only). Returns per family what the flag can deliver
     (n_calibration, alpha, effective_alpha, delivered_rate, the components)."""
     atom_calibration = atom_calibration or {}
     delivered = {}
@@ -141,12 +163,12 @@ def add_percentiles(
                for label, t in family_tables.items()}
         for label, table in family_tables.items():
             if components:
-                logs = {name: component_log_pvalues(table, name, calibration_rows, own[label], atoms.get(name))
-                        for name in components}
+                logs = {name: component_log_pvalues(table, name, calibration_rows, own[label], atoms.get(name),
+                                                    block_frames) for name in components}
                 table[COMBINED_SCORE], table[f"{COMBINED_SCORE}_driver"] = combined_from_log_pvalues(logs)
         calibration_rows = reference[calibration_mask(reference)]  # now with the combined score
-        flag_of = {label: _flag_statistic(t, select.score, calibration_rows, own[label], atoms.get(select.score))
-                   for label, t in family_tables.items()}
+        flag_of = {label: _flag_statistic(t, select.score, calibration_rows, own[label], atoms.get(select.score),
+                                          block_frames) for label, t in family_tables.items()}
         calibration_flag = flag_of[own_label][calibration_mask(reference)]
         n_calibration = int(np.isfinite(calibration_flag).sum())
         level = effective_alpha(select.alpha, n_calibration)
@@ -155,7 +177,8 @@ def add_percentiles(
                 table[f"{score}_percentile"] = percentile_against(
                     table[score].to_numpy(), calibration_rows[score].to_numpy()
                 )
-            table[f"{select.score}_pvalue"] = conformal_pvalue(flag_of[label], calibration_flag, own[label])
+            own_ge, own_n = group_own_counts(flag_of[label], structure_groups(table, block_frames), own[label])
+            table[f"{select.score}_pvalue"] = conformal_pvalue(flag_of[label], calibration_flag, own_ge, own_n)
             table["ood"] = (table[f"{select.score}_pvalue"] <= level + 1e-12).to_numpy()
         delivered[family] = {
             "n_calibration": n_calibration, "alpha": select.alpha, "effective_alpha": level,
@@ -165,11 +188,11 @@ def add_percentiles(
 
 
 def _flag_statistic(table: pd.DataFrame, score: str, calibration_rows: pd.DataFrame, own_rows: np.ndarray,
-                    atoms: AtomCalibration | None) -> np.ndarray:
+                    atoms: AtomCalibration | None, block_frames: int) -> np.ndarray:
     """What the flag's conformal p-value is taken of: the score itself, or for a ``_max`` score
     with calibration atoms its size-aware surprise (-log p of the Sidak-adjusted atom p-value)."""
     if atoms is not None and score.endswith("_max"):
-        return -component_log_pvalues(table, score, calibration_rows, own_rows, atoms)
+        return -component_log_pvalues(table, score, calibration_rows, own_rows, atoms, block_frames)
     return table[score].to_numpy(dtype=float)
 
 

@@ -21,7 +21,9 @@ Everything else here only decides *what* R is, so it cannot break the guarantee:
   its calibration median (zero force deviation on a perfect strained cell) cannot cancel another
   component's exceedance.
 
-Calibration structures are scored leaving themselves (their own atoms) out of the pool.
+A calibration structure is scored like a new one: its own group (source file and frame block,
+:func:`mace_ood.score.reference.split_groups`) is left out of every pool it is compared with,
+so its MD neighbours do not make it look ordinary.
 """
 
 from __future__ import annotations
@@ -35,21 +37,40 @@ TAIL_FRACTION = 0.1  # the share of the pool the exponential tail is fitted to
 MIN_TAIL = 5  # fewer pool values than 2 * MIN_TAIL: no tail, the empirical p-value only
 
 
-def conformal_pvalue(values: np.ndarray, calibration: np.ndarray, is_calibration: np.ndarray | None = None) -> np.ndarray:
-    """(1 + #{calibration >= x}) / (n + 1) per value; for rows that are themselves calibration
-    structures (``is_calibration``), leave-one-out: #{calibration >= x} / n. NaN for a NaN value or
-    an empty calibration set."""
+def conformal_pvalue(values: np.ndarray, calibration: np.ndarray, own_at_or_above: np.ndarray | None = None,
+                     own_count: np.ndarray | None = None) -> np.ndarray:
+    """(1 + #{calibration >= x}) / (n + 1) per value. A row that is itself a calibration structure
+    leaves out its own group (``own_count`` values, ``own_at_or_above`` of them >= x; for the
+    structure alone: 1 and 1, giving #{calibration >= x} / n). NaN for a NaN value or an empty
+    calibration set."""
     calibration = np.sort(np.asarray(calibration, dtype=float)[np.isfinite(calibration)])
     values = np.asarray(values, dtype=float)
     n = calibration.size
     if n == 0:
         return np.full(values.shape, np.nan)
-    at_or_above = n - np.searchsorted(calibration, values, side="left")
-    p = (1.0 + at_or_above) / (n + 1.0)
-    if is_calibration is not None:
-        mine = np.asarray(is_calibration, dtype=bool)
-        p = np.where(mine, at_or_above / max(n, 1), p) if n > 1 else p
+    at_or_above = (n - np.searchsorted(calibration, values, side="left")).astype(float)
+    size = np.full(values.shape, float(n))
+    if own_at_or_above is not None:
+        at_or_above = at_or_above - np.asarray(own_at_or_above, dtype=float)
+        size = size - np.asarray(own_count, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(size > 0, (1.0 + at_or_above) / (size + 1.0), np.nan)
     return np.where(np.isnan(values), np.nan, p)
+
+
+def group_own_counts(values: np.ndarray, groups: np.ndarray, mine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the rows ``mine`` (calibration structures), how many calibration values of their own group
+    (``groups``, over the rows ``mine``) are >= their own value, and the group's size; 0 elsewhere."""
+    values = np.asarray(values, dtype=float)
+    at_or_above, count = np.zeros(len(values)), np.zeros(len(values))
+    mine = np.asarray(mine, dtype=bool) & np.isfinite(values)
+    groups = np.asarray(groups, dtype=object)
+    for group in dict.fromkeys(groups[mine]):
+        rows = np.flatnonzero(mine & (groups == group))
+        member = np.sort(values[rows])
+        at_or_above[rows] = len(member) - np.searchsorted(member, values[rows], side="left")
+        count[rows] = len(member)
+    return at_or_above, count
 
 
 def effective_alpha(alpha: float, n_calibration: int) -> float:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 import xarray as xr
 from sklearn.neighbors import NearestNeighbors
 
-from mace_ood.config import ScoresConfig, SelectConfig
+from mace_ood.config import ScoresConfig
 from mace_ood.records import EvaluationPlan
 from mace_ood.score.calibrate import percentile_against
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation

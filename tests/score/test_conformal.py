@@ -16,6 +16,7 @@ from mace_ood.score.conformal import (
     conformal_threshold,
     delivered_rate,
     effective_alpha,
+    group_own_counts,
     sidak_log_pvalue,
 )
 from mace_ood.score.reference import split_structures
@@ -68,10 +69,15 @@ def test_conformal_pvalue_equals_a_brute_force_count():
     values = np.r_[np.round(rng.gamma(2.0, size=200) * 1.5, 1), calibration[:3], np.nan]
     expected = [(1 + sum(c >= x for c in calibration)) / (len(calibration) + 1) if x == x else np.nan for x in values]
     np.testing.assert_allclose(conformal_pvalue(values, calibration), expected)
-    mine = np.zeros(len(values), dtype=bool)
-    mine[-4:-1] = True
+    mine = np.zeros(len(values))
+    mine[-4:-1] = 1  # the calibration structures themselves: leave one out
     expected_own = [sum(c >= x for c in calibration) / len(calibration) for x in values[-4:-1]]
-    np.testing.assert_allclose(conformal_pvalue(values, calibration, mine)[-4:-1], expected_own)
+    np.testing.assert_allclose(conformal_pvalue(values, calibration, mine, mine)[-4:-1], expected_own)
+    groups = np.array(["a"] * 20 + ["b"] * 17)  # leave the own group out: a brute-force count over the others
+    own_ge, own_n = group_own_counts(calibration, groups, np.ones(37, dtype=bool))
+    expected_group = [(1 + sum(c >= x for c, h in zip(calibration, groups, strict=True) if h != g))
+                      / (1 + sum(groups != g)) for x, g in zip(calibration, groups, strict=True)]
+    np.testing.assert_allclose(conformal_pvalue(calibration, calibration, own_ge, own_n), expected_group)
     assert np.isnan(conformal_pvalue(values, calibration)[-1])
 
 
