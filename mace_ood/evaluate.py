@@ -10,10 +10,12 @@ For a finished run directory:
   ``--labels FILE.csv`` (``structure_id,is_ood``), else the config's ``ood_labels`` for its
   dataset, else the natural label of the cross-evaluation: a family's own training set is in
   distribution, every other dataset it scores is out of distribution. Of the training set,
-  only the held-out calibration part counts: the part the reference was fitted on is left out.
+  only the held-out calibration part counts: the part the reference was fitted on, and the gap
+  frames beside it, are left out.
 
 Per (family, dataset) and pooled per family (``dataset`` = ``all``), with percentile
-bootstrap 95 % intervals over structures.
+bootstrap 95 % intervals that resample whole groups (source file and frame block, as the
+split groups them): frames of one MD run are not independent observations.
 """
 
 from __future__ import annotations
@@ -54,15 +56,28 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def bootstrap_interval(
-    metric, arrays: tuple[np.ndarray, ...], n_resamples: int = 1000, seed: int = 0, strata: np.ndarray | None = None
+    metric, arrays: tuple[np.ndarray, ...], n_resamples: int = 1000, seed: int = 0, strata: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Percentile 95 % interval of ``metric(*arrays)`` over resampled rows (within strata if given)."""
+    """Percentile 95 % interval of ``metric(*arrays)`` over resamples (within strata if given).
+
+    With ``groups``, whole groups are resampled (a cluster bootstrap): MD frames of one run are
+    correlated, and resampling them one by one would treat 10 near-copies as 10 observations and
+    give too narrow an interval."""
     rng = np.random.default_rng(seed)
     n = len(arrays[0])
-    groups = [np.flatnonzero(strata == value) for value in np.unique(strata)] if strata is not None else [np.arange(n)]
+    strata = np.zeros(n, dtype=int) if strata is None else np.asarray(strata)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    units = []  # per stratum: the row indices of each of its groups
+    for value in np.unique(strata):
+        rows = np.flatnonzero(strata == value)
+        _, which = np.unique(groups[rows], return_inverse=True)
+        units.append([rows[which == g] for g in range(which.max() + 1)])
     values = []
     for _ in range(n_resamples):
-        index = np.concatenate([rng.choice(g, len(g), replace=True) for g in groups])
+        index = np.concatenate([
+            np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for members in units
+        ])
         values.append(metric(*(a[index] for a in arrays)))
     values = np.asarray(values)
     values = values[np.isfinite(values)]
@@ -130,9 +145,9 @@ def evaluation_data(
     percentiles recomputed as in the run), its ``force_rmse`` joined by structure id, its
     ``ood_label`` and ``split``. Rows of the training structures the reference was fitted on are
     dropped: they may only be compared with data the fit has not seen."""
-    from mace_ood.config import RunConfig, SelectConfig
+    from mace_ood.config import RunConfig, ScoresConfig, SelectConfig
     from mace_ood.records import EvaluationPlan
-    from mace_ood.score.calibrate import add_percentiles
+    from mace_ood.score.calibrate import calibrate_run, structure_groups
 
     run_dir = Path(run_dir)
     files = sorted((run_dir / "scores").glob("*.nc"))
@@ -141,7 +156,7 @@ def evaluation_data(
     config_file = run_dir / "run_config.json"
     config = RunConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
     select = config.select if config else SelectConfig()
-    evaluations, tables = [], {}
+    evaluations, tables, score_files = [], {}, {}
     for path in files:
         with xr.open_dataset(path) as ds:
             family, dataset, reference = ds.attrs["family"], ds.attrs["dataset"], bool(ds.attrs["reference"])
@@ -151,21 +166,33 @@ def evaluation_data(
         table["force_rmse"] = table["structure_id"].map(errors) if errors is not None else np.nan
         evaluations.append(evaluation)
         tables[evaluation.label] = table
-    add_percentiles(tables, evaluations, select)
+        score_files[evaluation.label] = path
+    block_frames = (config.scores if config else ScoresConfig()).split_block_frames
+    calibrate_run(tables, evaluations, score_files, select, block_frames)
     data = pd.concat(tables.values(), ignore_index=True)
     if "split" not in data.columns:
         data["split"] = ""
     data["split"] = data["split"].fillna("")
-    fit_ids = set(data["structure_id"][data["split"] == "fit"])
-    data = data[data["split"] != "fit"].reset_index(drop=True)
+    # fit rows were seen by the reference; gap rows are MD neighbours of fit rows
+    seen_ids = set(data["structure_id"][data["split"].isin(["fit", "gap"])])
+    data = data[~data["split"].isin(["fit", "gap"])].reset_index(drop=True)
     ood_labels = config.ood_labels if config else {}
     natural = [ood_labels.get(d, not r) for d, r in zip(data["dataset"], data["reference"], strict=True)]
     labels = labels or {}
-    unknown = sorted(set(labels) - set(data["structure_id"]) - set(fit_ids))
+    unknown = sorted(set(labels) - set(data["structure_id"]) - seen_ids)
     if unknown:
         raise ValueError(f"labels: {len(unknown)} structure id(s) are in no evaluation of {run_dir}, "
                          f"e.g. {unknown[0]!r}")
     data["ood_label"] = [labels.get(sid, n) for sid, n in zip(data["structure_id"], natural, strict=True)]
+    data["bootstrap_group"] = structure_groups(data, block_frames)
+    if labels:
+        matched = set(labels) & set(data["structure_id"])
+        ood = sum(labels[i] for i in matched)
+        data.attrs["labels_note"] = (
+            f"labels: {len(matched)} of {len(labels)} structure ids matched ({ood} ood, {len(matched) - ood} in "
+            f"distribution)" + (f"; {len(set(labels) - matched)} are training structures the reference was fitted "
+                                "on (or their MD neighbours) and are left out" if len(matched) < len(labels) else "")
+        )
     return data
 
 
@@ -182,7 +209,8 @@ def _spearman_rows(family: str, dataset: str, part: pd.DataFrame, n_resamples: i
     rows = []
     for score in _scores_of(part):
         x, y = part[score].to_numpy(dtype=float)[has_error], error[has_error]
-        low, high = bootstrap_interval(spearman, (x, y), n_resamples, seed)
+        groups = part["bootstrap_group"].to_numpy()[has_error]
+        low, high = bootstrap_interval(spearman, (x, y), n_resamples, seed, groups=groups)
         rows.append({"family": family, "dataset": dataset, "score": score, "metric": "spearman_vs_force_rmse",
                      "value": spearman(x, y), "ci_low": low, "ci_high": high, "n": int(has_error.sum())})
     return rows
@@ -197,7 +225,8 @@ def _roc_rows(family: str, dataset: str, group: pd.DataFrame, positives: np.ndar
     rows = []
     for score in _scores_of(group):
         values, labels = group[score].to_numpy(dtype=float)[keep], positives[keep]
-        low, high = bootstrap_interval(roc_auc, (values, labels), n_resamples, seed, strata=labels)
+        low, high = bootstrap_interval(roc_auc, (values, labels), n_resamples, seed, strata=labels,
+                                       groups=group["bootstrap_group"].to_numpy()[keep])
         rows.append({"family": family, "dataset": dataset, "score": score,
                      "metric": "roc_auc_ood_vs_in_distribution", "value": roc_auc(values, labels),
                      "ci_low": low, "ci_high": high, "n": int(keep.sum())})
@@ -223,7 +252,10 @@ def evaluate_run(
             rows += _spearman_rows(family, dataset, group[in_dataset], n_resamples, seed)
         rows += _roc_rows(family, "all", group, is_ood, ~is_ood, n_resamples, seed)
         rows += _spearman_rows(family, "all", group, n_resamples, seed)
-    return pd.DataFrame(rows, columns=EVALUATION_COLUMNS)
+    table = pd.DataFrame(rows, columns=EVALUATION_COLUMNS)
+    if "labels_note" in data.attrs:
+        table.attrs["labels_note"] = data.attrs["labels_note"]
+    return table
 
 
 def plot_evaluation(table: pd.DataFrame, path: str | Path) -> Path:

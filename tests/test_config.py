@@ -47,10 +47,10 @@ def test_explicit_evaluations():
         ({"metadata": {"patterns": ["(\\d+)K"]}}, "no named group"),
         ({"metadata": {"patterns": ["(?P<x>"]}}, "not a valid regex"),
         ({"dask": {"n_workers": 2, "address": "tcp://x:1"}}, "not both"),
-        ({"select": {"score": "force_deviation_max"}}, "needs `forces: true`"),
+        ({"forces": False, "select": {"score": "force_deviation_max"}}, "needs `forces: true`"),
         ({"select": {"score": "vibes"}}, "select.score"),
         # configs that used to fail only at report time, after all the compute
-        ({"select": {"combine": ["force_deviation_mean"]}}, "select.combine: none of force_deviation_mean"),
+        ({"forces": False, "select": {"combine": ["force_deviation_mean"]}}, "select.combine: none of force_deviation_mean"),
         ({"select": {"score": "gmm_nll"}, "scores": {"gmm_components": []}}, "needs a mixture"),
         ({"select": {"combine": ["gmm_nll_max"]}, "scores": {"gmm_components": []}}, "select.combine: none of"),
     ],
@@ -98,4 +98,6 @@ def test_unreadable_yaml(tmp_path):
 
 def test_combined_keeps_what_this_config_computes():
     config = config_from_dict({**BASE, "select": {"combine": ["force_deviation_mean", "mahalanobis_max"]}})
+    assert config.select.score == "combined" and config.forces  # the default a user gets: forces on
+    config = config_from_dict({**BASE, "forces": False, "select": {"combine": ["force_deviation_mean", "mahalanobis_max"]}})
     assert config.select.score == "combined" and not config.forces  # the latent component is enough

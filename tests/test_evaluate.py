@@ -33,6 +33,22 @@ def test_bootstrap_interval_contains_the_estimate_and_keeps_strata():
     assert low < roc_auc(scores, labels) < high and 0.5 < low and high < 1.0
 
 
+def test_bootstrap_resamples_whole_groups_of_correlated_frames():
+    """Ten runs of ten identical frames hold ten observations, not a hundred: the group bootstrap's
+    interval matches the row bootstrap over the ten distinct values; the row bootstrap over the
+    copies is about sqrt(10) times too narrow."""
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal(10), rng.standard_normal(10)
+    y = x + y
+    copies, runs = np.repeat(np.arange(10), 10), np.repeat(np.arange(10), 10)
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    distinct = width(bootstrap_interval(spearman, (x, y), 2000, seed=1))
+    grouped = width(bootstrap_interval(spearman, (x[copies], y[copies]), 2000, seed=1, groups=runs))
+    by_row = width(bootstrap_interval(spearman, (x[copies], y[copies]), 2000, seed=1))
+    assert grouped == pytest.approx(distinct, rel=0.2)
+    assert by_row < 0.6 * grouped
+
+
 def forces_run(tmp_path, tiny_models):
     """A run directory by hand: tiny models with forces on a training set D0 and a dataset D1
     whose structures carry made-up REF_forces (so the error order is known)."""
@@ -85,7 +101,12 @@ def test_force_errors_are_joined_to_their_own_structures(tmp_path, tiny_models):
             diff = mean[offset : offset + len(atoms)] - atoms.arrays["REF_forces"]
             expected[sid] = np.sqrt(np.mean(diff**2))
     got = dict(zip(data["structure_id"], data["force_rmse"], strict=True))
-    assert len(got) == 8 + 2  # D1 and the held-out part of D0 (the fit part is dropped)
+    with xr.open_dataset(tmp_path / "scores" / "F__D0.nc") as ds:
+        split = dict(zip(ds["structure_id"].values.astype(str), ds["split"].values.astype(str), strict=True))
+    held_out = {sid for sid, side in split.items() if side == "calibration"}
+    assert 0 < len(held_out) < len(split)
+    # D1 and the held-out part of D0 (the fit part and the gap frames beside it are dropped)
+    assert set(got) == set(data[data.dataset == "D1"]["structure_id"]) | held_out and len(got) == 8 + len(held_out)
     for sid, value in got.items():
         assert value == pytest.approx(expected[sid], rel=1e-9), sid
     # the test means something only if the score's rank order is not the file order
@@ -95,7 +116,7 @@ def test_force_errors_are_joined_to_their_own_structures(tmp_path, tiny_models):
     assert set(table.columns) == {"family", "dataset", "score", "metric", "value", "ci_low", "ci_high", "n"}
     assert {"D1", "all"} <= set(table["dataset"])
     roc = table[(table.metric == "roc_auc_ood_vs_in_distribution") & (table.dataset == "D1")]
-    assert set(roc["n"]) == {10}  # 8 OOD structures against the 2 held-out training structures
+    assert set(roc["n"]) == {8 + len(held_out)}  # 8 OOD structures against the held-out training structures
 
 
 def test_labels_file_overrides_per_structure(tmp_path):
@@ -125,6 +146,9 @@ def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
     score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, ScoresConfig(gmm_components=[1])))
     every = [f"s{i}" for i in range(len(sizes))]  # fit or calibration rows: all known
     labelled = evaluation_data(tmp_path, labels=dict.fromkeys(every, True))
-    assert len(labelled) == 2 and labelled["ood_label"].all()  # the 2 calibration rows, labels applied
+    n = len(labelled)  # the calibration rows, labels applied
+    assert 0 < n < len(every) and labelled["ood_label"].all() and (labelled["split"] == "calibration").all()
+    assert labelled.attrs["labels_note"].startswith(f"labels: {n} of {len(every)} structure ids matched ({n} ood, 0 in")
+    assert f"{len(every) - n} are training structures the reference was fitted on" in labelled.attrs["labels_note"]
     with pytest.raises(ValueError, match=r"1 structure id\(s\) are in no evaluation .* 's99'"):
         evaluation_data(tmp_path, labels={"s0": True, "s99": True})

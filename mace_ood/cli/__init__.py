@@ -179,6 +179,8 @@ def evaluate(
         _fail(str(exc))
     csv = write_csv(table, Path(run_dir) / "evaluation.csv")
     png = plot_evaluation(table, Path(run_dir) / "evaluation.png") if len(table) else None
+    if "labels_note" in table.attrs:
+        typer.echo(table.attrs["labels_note"])
     typer.echo(format_evaluation(table))
     typer.echo(f"\n{csv}" + (f"\n{png}" if png else ""))
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mace_ood.config import ExtractionSettings
@@ -324,6 +325,23 @@ def extract_to_netcdf(
     return summary
 
 
+def non_finite_output(output: dict) -> str | None:
+    """Why a model output cannot be scored (a NaN or inf latent, force or energy), else None: a
+    NaN would otherwise rank as the most unusual structure or poison the reference statistics."""
+    for name in ("latent", "forces", "node_energy", "energy"):
+        value = output.get(name)
+        if value is None:
+            continue
+        finite = np.isfinite(np.asarray(value, dtype=float))
+        if finite.all():
+            continue
+        if finite.ndim == 0:
+            return f"the model's {name} is not finite"
+        bad_atoms = int((~finite.reshape(len(finite), -1).all(axis=1)).sum())
+        return f"the model's {name.replace('_', ' ')} is not finite on {bad_atoms} of {len(finite)} atoms"
+    return None
+
+
 def _stream(
     feed: StructureFeed, extractor: LatentExtractor, writer: LatentWriter, summary: ExtractionSummary,
     batch_size: int, max_atoms: int, progress: Callable[[int, int], None] | None, checkpoint_seconds: float,
@@ -354,6 +372,10 @@ def _stream(
                 summary.copied_structures += 1
             output = item["output"]
             ref, atoms = item["ref"], item["atoms"]
+            reason = non_finite_output(output)
+            if reason is not None:
+                feed.skip(ref, reason, item["consumed"])
+                continue
             writer.append(
                 ref.structure_id, ref.source_file, ref.frame_index, output["latent"],
                 formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),

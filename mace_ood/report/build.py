@@ -18,10 +18,9 @@ from mace_ood.report.structures import write_selected
 from mace_ood.report.tables import evaluation_table, order_columns, rank_table, read_descriptors
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.calibrate import (
-    add_percentiles,
     alpha_note,
+    calibrate_run,
     calibration_mask,
-    read_atom_calibration,
     reference_evaluation,
 )
 from mace_ood.score.compute import COMBINED_SCORE
@@ -47,15 +46,7 @@ def build_report(
         e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, config.metadata.patterns)
         for e in evaluations
     }
-    atom_calibration = {}
-    for evaluation in [e for e in evaluations if e.reference]:
-        training = by_label[evaluation.label]
-        atom_calibration[evaluation.family] = read_atom_calibration(
-            files[evaluation.label], list(training.loc[calibration_mask(training), "structure_id"]),
-            sorted({*config.select.combine, config.select.score}), config.scores.split_block_frames,
-        )
-    delivered = add_percentiles(by_label, evaluations, config.select, atom_calibration,
-                                config.scores.split_block_frames)
+    delivered = calibrate_run(by_label, evaluations, files, config.select, config.scores.split_block_frames)
     for family, flag in delivered.items():
         components = flag["components"]
         log.info("%s: ranking by %s%s", family, score,

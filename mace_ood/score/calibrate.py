@@ -187,6 +187,22 @@ def add_percentiles(
     return delivered
 
 
+def calibrate_run(
+    tables: dict[str, pd.DataFrame], evaluations: list[EvaluationPlan], score_files: dict[str, str | Path],
+    select: SelectConfig, block_frames: int = 10,
+) -> dict[str, dict]:
+    """:func:`add_percentiles` with each family's calibration atoms read from its training set's
+    scores file (``score_files`` by evaluation label): what a run's report and ``evaluate`` share."""
+    atom_calibration = {}
+    for evaluation in [e for e in evaluations if e.reference]:
+        training = tables[evaluation.label]
+        atom_calibration[evaluation.family] = read_atom_calibration(
+            score_files[evaluation.label], list(training.loc[calibration_mask(training), "structure_id"]),
+            sorted({*select.combine, select.score}), block_frames,
+        )
+    return add_percentiles(tables, evaluations, select, atom_calibration, block_frames)
+
+
 def _flag_statistic(table: pd.DataFrame, score: str, calibration_rows: pd.DataFrame, own_rows: np.ndarray,
                     atoms: AtomCalibration | None, block_frames: int) -> np.ndarray:
     """What the flag's conformal p-value is taken of: the score itself, or for a ``_max`` score

@@ -24,8 +24,9 @@ Per atom, for S seeds with latents z_s (F channels):
 Per structure: ``<score>`` is the mean over its atoms of each per-atom score and
 ``<score>_max`` the max (a vacancy or a surface is a few unusual atoms among many);
 ``force_deviation_mean``/``_max`` likewise; ``energy_std_per_atom`` is the std over seeds
-of E_s / n_atoms. ``descriptor`` (structure, feature) is the structure's mean aligned latent
-(seed-averaged, in seed 0's frame): what the diverse selection measures distances in.
+of E_s / n_atoms. ``descriptor`` (structure, 2F) is the structure's mean aligned latent
+(seed-averaged, in seed 0's frame) followed by the aligned latent of its atom with the highest
+``mahalanobis``: what the diverse selection measures distances in.
 """
 
 from __future__ import annotations
@@ -134,6 +135,46 @@ def blockwise_structure_mean(per_atom: da.Array, atom_offset: np.ndarray, n_atom
     return da.from_delayed(means, shape=(len(n_atoms), per_atom.shape[1]), dtype=np.float64)
 
 
+def _block_argmax_rows(
+    scores: np.ndarray, rows: np.ndarray, start: int, structure_of_atom: np.ndarray,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per structure piece of a block: its highest score and that atom's row of ``rows``."""
+    owners = structure_of_atom[start : start + len(scores)]
+    pieces = np.concatenate([[0], np.flatnonzero(np.diff(owners)) + 1, [len(scores)]])
+    filled = np.nan_to_num(scores, nan=-np.inf)
+    best = np.array([a + int(np.argmax(filled[a:b])) for a, b in zip(pieces[:-1], pieces[1:], strict=True)],
+                    dtype=np.int64)
+    return int(owners[0]), scores[best], rows[best]
+
+
+def _assemble_argmax_rows(parts: list, n_structures: int, n_features: int) -> np.ndarray:
+    best_score = np.full(n_structures, -np.inf)
+    out = np.full((n_structures, n_features), np.nan)
+    for first, piece_scores, piece_rows in parts:
+        index = np.arange(first, first + len(piece_scores))
+        better = ~(np.nan_to_num(piece_scores, nan=-np.inf) <= best_score[index])  # a block boundary: keep the higher
+        out[index[better]] = piece_rows[better]
+        best_score[index[better]] = np.nan_to_num(piece_scores[better], nan=-np.inf)
+    return out
+
+
+def blockwise_row_of_structure_max(
+    per_atom_score: da.Array, per_atom_rows: da.Array, n_atoms: np.ndarray,
+) -> da.Array:
+    """Per structure, the row of ``per_atom_rows`` (atom, F) at the atom with the highest
+    ``per_atom_score``, lazily, one block at a time (both arrays chunked alike along atoms)."""
+    import dask
+
+    structure_of_atom = np.repeat(np.arange(len(n_atoms)), np.asarray(n_atoms))
+    starts = np.concatenate([[0], np.cumsum(per_atom_rows.chunks[0])[:-1]])
+    score_blocks = per_atom_score.rechunk((per_atom_rows.chunks[0],)).to_delayed().ravel()
+    row_blocks = per_atom_rows.to_delayed().ravel()
+    parts = [dask.delayed(_block_argmax_rows)(scores, rows, int(start), structure_of_atom)
+             for scores, rows, start in zip(score_blocks, row_blocks, starts, strict=True)]
+    result = dask.delayed(_assemble_argmax_rows)(parts, len(n_atoms), per_atom_rows.shape[1])
+    return da.from_delayed(result, shape=(len(n_atoms), per_atom_rows.shape[1]), dtype=np.float64)
+
+
 def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
     """Max of a 1-D per-atom array over each structure, lazily (one chunk of 8 bytes per atom)."""
     one_chunk = per_atom.data.rechunk(-1)
@@ -165,8 +206,12 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
             _aligned_mean_block, data, reference, drop_axis=0, chunks=(data.chunks[1], data.chunks[2]),
             dtype=np.float64,
         )
-        out["descriptor"] = xr.DataArray(blockwise_structure_mean(aligned_mean, offsets, counts),
-                                         dims=("structure", "feature"))
+        # the mean alone hides a defect (one unusual atom of 32 barely moves it): the most unusual
+        # atom's own latent stands beside it, so a vacancy cell is far from a bulk one
+        out["descriptor"] = xr.DataArray(da.concatenate([
+            blockwise_structure_mean(aligned_mean, offsets, counts),
+            blockwise_row_of_structure_max(per_atom["mahalanobis"].data, aligned_mean, counts),
+        ], axis=1), dims=("structure", "descriptor_feature"))
     if "forces" in latents:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(

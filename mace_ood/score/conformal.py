@@ -15,8 +15,9 @@ Everything else here only decides *what* R is, so it cannot break the guarantee:
 - A per-structure max over n atoms grows with n. For a ``<score>_max`` component the structure's
   statistic is the Sidak-adjusted p-value of its most unusual atom against the calibration
   *atoms*, 1 - (1 - p_atom)^n: a bigger cell of the training material is not more surprising.
-- Beyond the calibration values an exponential tail (fitted to the top ``TAIL_FRACTION`` of the
-  pool) continues the p-value, so far-out structures stay ranked instead of tying at 1 / (N + 1).
+- Beyond the largest calibration value an exponential tail (its scale fitted to the top
+  ``TAIL_FRACTION`` of the pool) continues the p-value, so far-out structures stay ranked instead
+  of tying at 1 / (N + 1); inside the pool the p-value is the count.
 - ``combined`` = -log10 of the smallest component p-value: one-sided, so a component far below
   its calibration median (zero force deviation on a perfect strained cell) cannot cancel another
   component's exceedance.
@@ -100,7 +101,8 @@ def conformal_threshold(calibration: np.ndarray, alpha: float) -> float:
 @dataclass
 class Pool:
     """Sorted calibration values (atoms or structures) a component's p-values are taken against,
-    and the exponential tail beyond its top: p(x) = p(u) exp(-(x - u) / beta) for x > u."""
+    and the exponential tail beyond the largest one, m: p(x) = exp(-(x - m) / beta) / (N + 1), beta
+    the mean excess over u of the top ``TAIL_FRACTION`` (u the value below them)."""
 
     values: np.ndarray
     tail_start: float = np.nan
@@ -133,9 +135,10 @@ class Pool:
         with np.errstate(divide="ignore", invalid="ignore"):
             log_p = np.log1p(at_or_above) - np.log1p(size)
             if np.isfinite(self.tail_scale):
-                k = n - np.searchsorted(self.values, self.tail_start, side="right")
-                log_tail = math.log1p(k) - np.log1p(size) - (x - self.tail_start) / self.tail_scale
-                log_p = np.where(x > self.tail_start, np.minimum(log_p, log_tail), log_p)
+                # only beyond the largest value: inside the pool the count is the valid p-value, and a
+                # tail below it there would make big cells (whose Sidak reaches far into it) too surprising
+                top = self.values[-1]
+                log_p = np.where(x > top, -np.log1p(size) - (x - top) / self.tail_scale, log_p)
         return np.where(np.isnan(x), np.nan, log_p)
 
 

@@ -92,3 +92,30 @@ def test_a_dataset_with_nothing_scorable_is_an_error(tiny_models, tmp_path):
     with pytest.raises(InputError, match="no structure could be scored"):
         extract_to_netcdf(tiny_models["T1"][0], [str(tmp_path / "iron.xyz")], tmp_path / "s.nc", SETTINGS)
     assert not (tmp_path / "s.nc").exists()
+
+
+def test_structures_the_model_gives_non_finite_outputs_for_are_skipped(tmp_path):
+    """An Al embedding of 1e308 overflows to inf/NaN on any structure with Al (0 * 1e308 = 0
+    elsewhere): those are skipped with the reason, the pure-Cu ones are written, all finite."""
+    import numpy as np
+    import torch
+    import xarray as xr
+
+    from mace_ood.testing import build_tiny_mace
+
+    model = build_tiny_mace(0)
+    assert model.atomic_numbers.tolist() == [13, 29]
+    with torch.no_grad():
+        model.node_embedding.linear.weight.view(2, -1)[0] = 1e308
+    torch.save(model, tmp_path / "overflowing.model")
+    copper = random_structures(4, seed=1, symbols=("Cu",))
+    mixed = [s for s in random_structures(6, seed=2) if 13 in s.numbers]
+    path = tmp_path / "data.xyz"
+    ase.io.write(path, copper + mixed)
+    settings = SETTINGS.model_copy(update={"forces": True})
+    summary = extract_to_netcdf(tmp_path / "overflowing.model", [str(path)], tmp_path / "out.nc", settings)
+    assert summary.n_structures == len(copper)
+    assert [s["frame_index"] for s in summary.skipped] == list(range(len(copper), len(copper) + len(mixed)))
+    assert all("is not finite on" in s["reason"] for s in summary.skipped)
+    with xr.open_dataset(tmp_path / "out.nc") as ds:
+        assert all(np.isfinite(ds[name].values).all() for name in ds.data_vars if ds[name].dtype.kind == "f")

@@ -16,13 +16,13 @@ from mace_ood.score.reference import FamilyReference
 from tests.synthetic import synthetic_latent_files
 
 
-def training_run(tmp_path, n_structures=40, knn_k=1):
+def training_run(tmp_path, n_structures=40, knn_k=1, chunk_atoms=64):
     sizes = tuple(int(s) for s in np.random.default_rng(0).integers(3, 9, n_structures))
     paths, latents, sizes = synthetic_latent_files(tmp_path / "latents", n_seeds=2, sizes=sizes, n_features=4)
     evaluation = EvaluationPlan("F", "D", True, tuple(str(p) for p in paths))
     scores = ScoresConfig(knn_k=knn_k, reference_max_atoms=100000, gmm_components=[1])
     reference_file = fit_family_reference(evaluation, tmp_path, scores)
-    scores_file = score_evaluation(evaluation, tmp_path, 64, reference_file)
+    scores_file = score_evaluation(evaluation, tmp_path, chunk_atoms, reference_file)
     return evaluation, latents, sizes, FamilyReference.load(reference_file), scores_file
 
 
@@ -53,7 +53,7 @@ def test_no_calibration_atom_is_scored_against_a_reference_that_contains_it(tmp_
 
 
 def test_per_structure_max_and_descriptor_against_loops(tmp_path):
-    evaluation, latents, sizes, reference, scores_file = training_run(tmp_path, n_structures=12)
+    evaluation, latents, sizes, reference, scores_file = training_run(tmp_path, n_structures=16, chunk_atoms=5)
     bounds = np.cumsum([0, *sizes])
     with xr.open_dataset(scores_file) as ds:
         for name in ("latent_variance", "mahalanobis", "knn_distance", "gmm_nll", "aligned_latent_variance"):
@@ -61,7 +61,12 @@ def test_per_structure_max_and_descriptor_against_loops(tmp_path):
             expected = [per_atom[a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             np.testing.assert_allclose(ds[f"{name}_max"].values, expected, rtol=1e-12)
         aligned = np.mean([(latents[s] - r.mean) @ r.rotation for s, r in enumerate(reference.seeds)], axis=0)
-        expected = np.stack([aligned[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        mahalanobis = ds["atom_mahalanobis"].values
+        expected = np.stack([
+            np.concatenate([aligned[a:b].mean(axis=0), aligned[a + np.argmax(mahalanobis[a:b])]])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ])
+        # chunks of 5 atoms split most structures: the blockwise max must join their pieces
         np.testing.assert_allclose(ds["descriptor"].values, expected, rtol=1e-9, atol=1e-12)
         assert ds["mahalanobis_max"].attrs["units"] == "1" and ds["atom_knn_distance"].attrs["units"] == "latent"
         assert ds["latent_variance"].attrs["units"] == "latent^2" and ds["gmm_nll"].attrs["units"] == "nat"
