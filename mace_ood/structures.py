@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ def resolve_files(patterns: Iterable[str], dataset: str = "") -> list[str]:
 def file_labels(files: list[str]) -> dict[str, str]:
     """A short unique label per file: its stem, or its path below the common folder when stems clash."""
     stems = [Path(f).stem for f in files]
-    clashing = {s for s in stems if stems.count(s) > 1}
+    stem_counts = Counter(stems)  # O(F): list.count in a loop took 40 min for 300,000 files
+    clashing = {s for s, n in stem_counts.items() if n > 1}
     if not clashing:
         return dict(zip(files, stems, strict=True))
     common = Path(os.path.commonpath([os.path.dirname(f) for f in files]))
@@ -60,9 +62,9 @@ def file_labels(files: list[str]) -> dict[str, str]:
         return str(relative if keep_suffix else relative.with_suffix("")).replace(os.sep, "__")
 
     labels = {f: (longer(f, False) if s in clashing else s) for f, s in zip(files, stems, strict=True)}
-    values = list(labels.values())
+    label_counts = Counter(labels.values())
     return {  # a.xyz beside a.cif: keep the suffix too
-        f: longer(f, True) if values.count(label) > 1 else label for f, label in labels.items()
+        f: longer(f, True) if label_counts[label] > 1 else label for f, label in labels.items()
     }
 
 

@@ -115,6 +115,10 @@ def test_force_errors_are_joined_to_their_own_structures(tmp_path, tiny_models):
     table = evaluate_run(tmp_path, n_resamples=20)
     assert set(table.columns) == {"family", "dataset", "score", "metric", "value", "ci_low", "ci_high", "n"}
     assert {"D1", "all"} <= set(table["dataset"])
+    # the flag on what is in distribution (here the held-out D0 rows), counted independently
+    d0 = data[data.dataset == "D0"]
+    assert f"F on D0: {int(d0['ood'].sum())} of {len(d0)} flagged" in table.attrs["flag_note"]
+    assert "alpha = 0.01" in table.attrs["flag_note"] and "D1" not in table.attrs["flag_note"]
     roc = table[(table.metric == "roc_auc_ood_vs_in_distribution") & (table.dataset == "D1")]
     assert set(roc["n"]) == {8 + len(held_out)}  # 8 OOD structures against the held-out training structures
 

@@ -182,6 +182,8 @@ def evaluate(
     if "labels_note" in table.attrs:
         typer.echo(table.attrs["labels_note"])
     typer.echo(format_evaluation(table))
+    if table.attrs.get("flag_note"):
+        typer.echo("\n" + table.attrs["flag_note"])
     typer.echo(f"\n{csv}" + (f"\n{png}" if png else ""))
 
 
