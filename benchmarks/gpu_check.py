@@ -92,7 +92,7 @@ def oom_check(device: str, quick: bool, workdir: Path) -> list[str]:
     data = workdir / "big.xyz"
     ase.io.write(data, frames)
     settings = ExtractionSettings(device=device, default_dtype="float32", batch_size=2, max_atoms_per_batch=1 << 30,
-                                  chunk_atoms=4096)
+                                  chunk_atoms=4096, forces=False)  # the latent pass: forces double the halo
     budget = None
     if quick:
         budget = 1800  # atoms per forward: forces batch 1, then domains

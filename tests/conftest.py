@@ -31,3 +31,19 @@ def project(tmp_path_factory) -> Path:
 def tiny_models(project) -> dict[str, list[Path]]:
     models = project.parent / "models"
     return {name: sorted(models.glob(f"{name}_seed*.model")) for name in ("T1", "T2")}
+
+
+@pytest.fixture(scope="session")
+def finished_run(prefect_server, project, tmp_path_factory):
+    """One real run of the whole flow (Dask workers, embedded Prefect server) on the tiny project;
+    shared by the CLI and API tests, treat as read-only."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mace_ood.cli import app
+
+    work = tmp_path_factory.mktemp("run") / "p"
+    shutil.copytree(project.parent, work)
+    result = CliRunner().invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
+    return work, result

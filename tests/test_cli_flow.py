@@ -67,15 +67,6 @@ def test_bad_input_is_one_line_naming_the_problem(project, tmp_path, edit, messa
     assert len(result.output.strip().splitlines()) == 1 or "cuequivariance" in result.output
 
 
-@pytest.fixture(scope="module")
-def finished_run(prefect_server, project, tmp_path_factory):
-    """One real run of the whole flow (Dask workers, embedded Prefect server) on the tiny project."""
-    work = tmp_path_factory.mktemp("run") / "p"
-    shutil.copytree(project.parent, work)
-    result = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
-    return work, result
-
-
 @pytest.mark.slow
 def test_run_end_to_end(finished_run):
     work, result = finished_run

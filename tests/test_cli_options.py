@@ -7,6 +7,7 @@ import sys
 from typing import get_args
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mace_ood.cli import app
@@ -76,9 +77,13 @@ def test_invalid_choice_is_rejected_before_any_work(project):
 
 
 def test_force_score_without_forces_is_a_config_error(project):
-    result = runner.invoke(app, ["validate", str(project)])
+    config = yaml.safe_load(project.read_text())
+    config["forces"] = False
+    latents_only = project.parent / "latents_only.yaml"
+    latents_only.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["validate", str(latents_only)])
     assert result.exit_code == 0
-    result = runner.invoke(app, ["run", str(project), "--score", "force_deviation_max"])
+    result = runner.invoke(app, ["run", str(latents_only), "--score", "force_deviation_max"])
     assert result.exit_code == 2
     assert "needs `forces: true`" in result.output
 

@@ -34,19 +34,27 @@ def evaluation_table(
     """One row per structure of an evaluation, every score; ranked by ``score`` (1 = most OOD),
     or in file order when ``score`` is None."""
     with xr.open_dataset(scores_path, engine="netcdf4") as ds:
-        frame = pd.DataFrame({
-            "structure_id": ds["structure_id"].values.astype(str),
-            "source_file": ds["source_file"].values.astype(str),
-            "frame_index": ds["frame_index"].values,
-            "n_atoms": ds["n_atoms"].values,
-            "formula": ds["formula"].values.astype(str),
-            "info_json": ds["info_json"].values.astype(str),
-            **{name: ds[name].values for name in ALL_SCORES if name in ds},
-        })
-        if "split" in ds:
-            frame["split"] = ds["split"].values.astype(str)
+        frame = table_from_scores(ds, family, dataset, reference, patterns)
     if score is not None and score not in frame.columns:
         raise ValueError(f"{scores_path}: has no score {score!r}")
+    return rank_table(frame, score) if score is not None else frame
+
+
+def table_from_scores(
+    ds: xr.Dataset, family: str, dataset: str, reference: bool, patterns: list[str] | tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """One row per structure of a scores Dataset (a file's or one computed in memory), in its order."""
+    frame = pd.DataFrame({
+        "structure_id": ds["structure_id"].values.astype(str),
+        "source_file": ds["source_file"].values.astype(str),
+        "frame_index": ds["frame_index"].values,
+        "n_atoms": ds["n_atoms"].values,
+        "formula": ds["formula"].values.astype(str),
+        "info_json": ds["info_json"].values.astype(str),
+        **{name: ds[name].values for name in ALL_SCORES if name in ds},
+    })
+    if "split" in ds:
+        frame["split"] = ds["split"].values.astype(str)
     frame.insert(0, "family", family)
     frame.insert(1, "dataset", dataset)
     frame.insert(2, "reference", reference)
@@ -57,8 +65,7 @@ def evaluation_table(
     frame = frame.drop(columns="info_json")
     meta = pd.DataFrame(metadata, index=frame.index)
     meta = meta[[c for c in meta.columns if c not in frame.columns]]
-    frame = pd.concat([frame, meta], axis=1)
-    return rank_table(frame, score) if score is not None else frame
+    return pd.concat([frame, meta], axis=1)
 
 
 def rank_table(frame: pd.DataFrame, score: str) -> pd.DataFrame:

@@ -133,7 +133,8 @@ class Pool:
             at_or_above = at_or_above - np.asarray(own_at_or_above, dtype=float)
             size = size - np.asarray(own_count, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_p = np.log1p(at_or_above) - np.log1p(size)
+            # a calibration structure whose own group is the whole pool has nothing to be compared with
+            log_p = np.where(size > 0, np.log1p(at_or_above) - np.log1p(size), np.nan)
             if np.isfinite(self.tail_scale):
                 # only beyond the largest value: inside the pool the count is the valid p-value, and a
                 # tail below it there would make big cells (whose Sidak reaches far into it) too surprising

@@ -20,9 +20,11 @@ from mace_ood.score.reference import (
     CALIBRATION,
     FIT,
     GAP,
+    MIN_CALIBRATION_GROUPS,
     MIN_STRUCTURES_TO_SPLIT,
     FamilyReference,
     fit_reference,
+    split_groups,
     split_structures,
     structure_atom_rows,
 )
@@ -43,9 +45,12 @@ def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, sco
         held_out = side == CALIBRATION
         if not held_out.any():
             log.warning(
-                "%s: only %d training structures (< %d): the reference is calibrated on the data it was "
-                "fitted on, so percentiles and the ood flag are optimistic", evaluation.family, len(ids),
-                MIN_STRUCTURES_TO_SPLIT,
+                "%s: %d training structures in %d groups of %d frames (a split needs %d structures and %d "
+                "groups): the reference is calibrated on the data it was fitted on, so p-values and the ood "
+                "flag are optimistic", evaluation.family, len(ids),
+                len(set(split_groups(latents["source_file"].values.astype(str), latents["frame_index"].values,
+                                     scores.split_block_frames))),
+                scores.split_block_frames, MIN_STRUCTURES_TO_SPLIT, MIN_CALIBRATION_GROUPS + 1,
             )
         fit_rows = structure_atom_rows(latents["atom_offset"].values, latents["n_atoms"].values, side == FIT)
         reference = fit_reference(

@@ -86,6 +86,7 @@ def fit_gmm(sample: np.ndarray, components: tuple[int, ...], max_atoms: int, see
     return best
 
 
+MIN_CALIBRATION_GROUPS = 2  # a calibration structure needs another group to be compared with
 MIN_STRUCTURES_TO_SPLIT = 10
 FIT, CALIBRATION, GAP = "fit", "calibration", "gap"
 
@@ -119,23 +120,25 @@ def split_structures(
     (:func:`group_unit`) is below ``calibration_fraction``: stable under appended data, and no
     calibration frame shares a block with a fit frame. Fit frames within ``gap_frames`` of a
     calibration frame of the same file are ``gap`` (used by neither side), so no calibration
-    frame has a fit-frame neighbour in its trajectory. If the hash holds out no group, the group
-    with the smallest unit is held out (and if it holds out all, the largest is fitted on). With
-    fewer than ``MIN_STRUCTURES_TO_SPLIT`` structures or a single group, everything is ``fit``:
-    calibration is then in-sample, and said so.
+    frame has a fit-frame neighbour in its trajectory. A calibration structure is compared with
+    the *other* calibration groups, so at least ``MIN_CALIBRATION_GROUPS`` are held out: if the
+    hash holds out fewer, the groups with the smallest units are (and if it holds out all, the
+    largest is fitted on). With fewer than ``MIN_STRUCTURES_TO_SPLIT`` structures or at most
+    ``MIN_CALIBRATION_GROUPS`` groups, everything is ``fit``: calibration is then in-sample, and
+    said so.
     """
     n = len(source_files)
     side = np.full(n, FIT, dtype=object)
     groups = split_groups(source_files, frame_index, block_frames)
     distinct = list(dict.fromkeys(groups))
-    if n < MIN_STRUCTURES_TO_SPLIT or len(distinct) < 2:
+    if n < MIN_STRUCTURES_TO_SPLIT or len(distinct) <= MIN_CALIBRATION_GROUPS:
         return side
     unit = {group: group_unit(group, seed) for group in distinct}
+    by_unit = sorted(distinct, key=unit.__getitem__)
     held = {group for group in distinct if unit[group] < calibration_fraction}
-    if not held:
-        held = {min(distinct, key=unit.__getitem__)}
+    held |= set(by_unit[:MIN_CALIBRATION_GROUPS])
     if len(held) == len(distinct):
-        held.discard(max(distinct, key=unit.__getitem__))
+        held.discard(by_unit[-1])
     side[[g in held for g in groups]] = CALIBRATION
     frames: dict[str, dict[int, str]] = {}
     for (name, _), frame, s in zip(groups, np.asarray(frame_index), side, strict=True):

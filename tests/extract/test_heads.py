@@ -59,7 +59,7 @@ def test_unknown_head_is_refused_with_the_heads_listed(multihead):
 def test_head_is_in_the_file_and_changes_the_reuse_key_only_with_forces(multihead, tmp_path):
     data = tmp_path / "d.xyz"
     ase.io.write(data, random_structures(3, seed=2))
-    settings = ExtractionSettings(device="cpu", chunk_atoms=64)
+    settings = ExtractionSettings(device="cpu", chunk_atoms=64, forces=False)
     out = tmp_path / "seed-0.nc"
     extract_to_netcdf(multihead[0], [str(data)], out, settings)
     assert extract_to_netcdf(multihead[0], [str(data)], out, settings, head="pt_head").reused  # latents only

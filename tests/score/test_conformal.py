@@ -63,6 +63,22 @@ def test_the_split_is_stable_when_data_is_appended():
         assert side != "gap" or new[f, int(i)] == "gap", (f, i)
 
 
+def test_at_least_two_calibration_groups_or_none():
+    """Regression (the demo, MACE_T2): the hash held out one group of 10 frames; leaving its own
+    group out, each calibration structure had nothing to be compared with, got p = 1, and every
+    structure above 0 was flagged (112 of 122)."""
+    def groups_held(n_files: int, fraction: float) -> int:
+        files = np.repeat([f"/d/run{i}.extxyz" for i in range(n_files)], 10)
+        side = split_structures(files, np.tile(np.arange(10), n_files), fraction, seed=0)
+        return len(set(files[side == "calibration"]))
+
+    assert groups_held(6, 0.001) == 2  # the hash alone would hold out none
+    assert groups_held(3, 0.999) == 2  # all but one
+    assert groups_held(2, 0.5) == 0  # two groups: in-sample, said so
+    pool = Pool.of(np.arange(20.0))
+    assert np.isnan(pool.log_pvalue(np.array([5.0]), np.array([20]), np.array([20]))[0])
+
+
 def test_conformal_pvalue_equals_a_brute_force_count():
     rng = np.random.default_rng(11)
     calibration = np.round(rng.gamma(2.0, size=37), 1)  # ties included
