@@ -28,7 +28,7 @@ from mace_ood.records import (
     ReportResult,
     ScoreResult,
 )
-from mace_ood.runtime import configure_process, stop_on_signals
+from mace_ood.runtime import configure_process, quiet_resource_tracker, stop_on_signals
 from tasks.console import hide_console_tracebacks
 from tasks.extract import extract_latents
 from tasks.report import write_report
@@ -65,6 +65,7 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
         )
         return runner, queue.gpus_per_job > 0
 
+    quiet_resource_tracker()  # before the local workers that share it start
     n_gpus = torch.cuda.device_count() if resolve_device(device).startswith("cuda") else 0
     # CPU: single-threaded-ish workers scale better than torch threads on small graphs
     # (benchmarks/full_run.py workers: 2 workers 1.25x faster than 1 on 2 cores)

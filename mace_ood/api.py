@@ -15,7 +15,7 @@ no file written. The numbers equal what a run over the same structures gives.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask
@@ -63,6 +63,7 @@ class Run:
     config: RunConfig
     _extractors: dict = field(default_factory=dict, repr=False)
     _calibrations: dict = field(default_factory=dict, repr=False)
+    _models: dict = field(default_factory=dict, repr=False)
 
     @property
     def scores(self) -> pd.DataFrame:
@@ -94,6 +95,11 @@ class Run:
 
     def models(self, family: str) -> FamilyModels:
         """The model files and settings the run extracted the family's training set with."""
+        if family not in self._models:
+            self._models[family] = self._read_models(family)
+        return replace(self._models[family])
+
+    def _read_models(self, family: str) -> FamilyModels:
         folder = self.path / "latents" / family / self.trained_on(family)
         seed_files = sorted(folder.glob("seed-*.nc"), key=lambda p: int(p.stem.split("-")[1]))
         if not seed_files:

@@ -24,6 +24,29 @@ STOP_GRACE_S = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, its stderr on /dev/null.
+
+    A local Dask cluster's worker processes share one tracker; when a run is stopped by a
+    signal, CPython's tracker prints a traceback for a semaphore unregistered twice
+    (``cache[rtype].remove(name)``) and leak warnings for what the dying workers held, after the
+    run's own one-line message: noise a user can do nothing about. Nothing of the run's own
+    output goes through the tracker."""
+    from multiprocessing import resource_tracker
+
+    if getattr(resource_tracker._resource_tracker, "_fd", None) is not None:
+        return  # already running: too late to change where it writes
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def configure_process() -> None:
     """Environment defaults (unless set) and a small HDF5 chunk cache for this process."""
     for key, value in ENVIRONMENT_DEFAULTS.items():
@@ -56,9 +79,13 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
     since a Dask nanny may start a new worker for one that just died."""
     import psutil
 
+    # multiprocessing's resource tracker goes last: killed with the workers, a dying worker
+    # relaunched it ("process died unexpectedly") with the terminal's stderr, and the new one
+    # printed a KeyError traceback for semaphores it had never seen, after the one-line message
+    tracker = _resource_tracker_pid()
     stopped = 0
     for _ in range(5):
-        children = psutil.Process().children(recursive=True)
+        children = [c for c in psutil.Process().children(recursive=True) if c.pid != tracker]
         if not children:
             break
         stopped += len(children)
@@ -70,7 +97,40 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
             with suppress(psutil.NoSuchProcess):
                 child.kill()
         psutil.wait_procs(alive, timeout=grace_s)
+    if tracker is not None:
+        stopped += _stop_resource_tracker(tracker, grace_s)
     return stopped
+
+
+def _resource_tracker_pid() -> int | None:
+    from multiprocessing import resource_tracker
+
+    pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def _stop_resource_tracker(pid: int, grace_s: float) -> int:
+    """Close this process's end of the tracker's pipe (the workers' ends are closed: they are
+    gone), so it cleans up what they left and exits; kill it if it does not."""
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return 0
+    fd = getattr(resource_tracker._resource_tracker, "_fd", None)
+    if fd is not None:
+        with suppress(OSError):
+            os.close(fd)
+        resource_tracker._resource_tracker._fd = None
+    _, alive = psutil.wait_procs([process], timeout=grace_s)
+    for child in alive:
+        with suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    return 1
 
 
 @contextmanager

@@ -78,3 +78,23 @@ def test_md_stops_at_the_first_frame_flagged_ood(run):
     calculators = [MACECalculator(model_paths=path, device="cpu", default_dtype="float64") for path in models.files]
     mean = np.mean([c.get_forces(frames[-1].copy()) for c in calculators], axis=0)
     np.testing.assert_allclose(atoms.calc.results["forces"], mean, rtol=1e-8, atol=1e-10)
+
+
+def test_the_readme_snippets_run(run, tmp_path, monkeypatch):
+    """README "From Python", executed against the tiny run (paths swapped, the MD loop shortened)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### From Python") : readme.index("## What comes out")]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    code = "\n".join(blocks)
+    code = code.replace('"demo_work/run"', repr(str(run.path)))
+    code = code.replace('"demo_work/data/T2/md_Cu32_T1200K.extxyz"', repr(str(run.path.parent / "data" / "T2" / "slab_CuAl_T600K.xyz")))
+    code = code.replace("steps=10_000", "steps=3")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert {"combined", "combined_pvalue", "ood"} <= set(namespace["table"].columns)
+    assert len(namespace["table"]) == 4

@@ -37,21 +37,29 @@ def squared_norms(x: np.ndarray) -> np.ndarray:
 
 
 def nearest(
-    query: np.ndarray, reference: np.ndarray, block: int = 8192
+    query: np.ndarray, reference: np.ndarray, block: int = 8192, reference_block: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Index of and Euclidean distance to the nearest reference row, per query row (blocked)."""
+    """Index of and Euclidean distance to the nearest reference row, per query row, blocked over
+    both: at most ``block`` x ``reference_block`` distances at a time (2 GiB in float32), whatever
+    the number of training structures (one 8192 x 300,000 block was about 10 GB)."""
     if len(reference) == 0:
         return np.full(len(query), -1), np.full(len(query), np.inf)
     reference_sq = squared_norms(reference)
-    index = np.empty(len(query), dtype=np.int64)
-    distance = np.empty(len(query), dtype=np.float64)
+    index = np.zeros(len(query), dtype=np.int64)
+    best_d2 = np.full(len(query), np.inf)
     for start in range(0, len(query), block):
         q = query[start : start + block]
-        d2 = squared_norms(q)[:, None] + reference_sq[None, :] - 2.0 * (q @ reference.T)
-        best = np.argmin(d2, axis=1)
-        index[start : start + len(q)] = best
-        distance[start : start + len(q)] = np.sqrt(np.maximum(d2[np.arange(len(q)), best], 0.0))
-    return index, distance
+        q_sq = squared_norms(q)[:, None]
+        rows = slice(start, start + len(q))
+        for r_start in range(0, len(reference), reference_block):
+            r = reference[r_start : r_start + reference_block]
+            d2 = q_sq + reference_sq[None, r_start : r_start + len(r)] - 2.0 * (q @ r.T)
+            local = np.argmin(d2, axis=1)
+            value = d2[np.arange(len(q)), local]
+            better = value < best_d2[rows]  # ties keep the earlier (lower) index, as one argmin would
+            index[rows] = np.where(better, local + r_start, index[rows])
+            best_d2[rows] = np.where(better, value, best_d2[rows])
+    return index, np.sqrt(np.maximum(best_d2, 0.0))
 
 
 def score_weights(scores: np.ndarray, score_weight: float) -> np.ndarray:

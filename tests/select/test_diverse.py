@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy.spatial.distance import cdist
 
 from mace_ood.select.diverse import nearest, score_weights, select_diverse
@@ -76,10 +77,12 @@ def test_greedy_matches_a_brute_force_loop():
     assert list(picks.order) == chosen
 
 
-def test_nearest_is_exact():
+@pytest.mark.parametrize("reference_block", [5, 36, 37, 65536])
+def test_nearest_is_exact(reference_block):
+    """Blocked over queries and references (the training set no longer sets the memory)."""
     rng = np.random.default_rng(4)
     q, r = rng.normal(size=(100, 8)), rng.normal(size=(37, 8))
-    index, distance = nearest(q, r, block=16)
+    index, distance = nearest(q, r, block=16, reference_block=reference_block)
     full = cdist(q, r)
     np.testing.assert_array_equal(index, full.argmin(axis=1))
     np.testing.assert_allclose(distance, full.min(axis=1), rtol=1e-10)
