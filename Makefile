@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 	$(PY) -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
-	$(PY) -c "import mace_ood, flows, tasks, prefect, prefect_dask"
+	$(PY) -c "import mace_ood, mace_ood.flows, mace_ood.tasks, prefect, prefect_dask"
 	touch $@
 
 demo: setup
@@ -46,7 +46,7 @@ gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
 
 lint: setup
-	$(VENV)/bin/ruff check mace_ood flows tasks tests benchmarks
+	$(VENV)/bin/ruff check mace_ood tests benchmarks
 	$(VENV)/bin/lint-imports
 
 clean:

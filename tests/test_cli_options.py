@@ -92,10 +92,10 @@ def test_importing_the_package_changes_no_process_state():
     """Importing every module leaves the umask, the environment and the HDF5 cache alone."""
     code = """
 import os, importlib, pkgutil, netCDF4
-import mace_ood, flows, tasks
+import mace_ood, mace_ood.flows, mace_ood.tasks
 os.umask(0o027)
 before = (0o027, dict(os.environ), netCDF4.get_chunk_cache())
-names = [m.name for p in (mace_ood, flows, tasks) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".") if not m.name.endswith("__main__")]
+names = [m.name for p in (mace_ood, mace_ood.flows, mace_ood.tasks) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".") if not m.name.endswith("__main__")]
 for name in names:
     importlib.import_module(name)
 after = (os.umask(0o027), dict(os.environ), netCDF4.get_chunk_cache())

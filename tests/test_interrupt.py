@@ -27,7 +27,7 @@ STOP_WITHIN_S = 10.0
 def big_project(prefect_server, project, tmp_path_factory):
     """The tiny project with a dataset big enough to interrupt mid-extraction, and the scores of
     one uninterrupted run of it."""
-    from flows.ood import ood_detection
+    from mace_ood.flows.ood import ood_detection
 
     work = tmp_path_factory.mktemp("interrupt") / "p"
     shutil.copytree(project.parent, work)

@@ -147,13 +147,13 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     import ase.io
     import pandas as pd
     import psutil
+    from mace_ood.flows.ood import ood_detection
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
-    from flows.ood import ood_detection
     from mace_ood.config import load_config
     from mace_ood.testing import random_structures
 

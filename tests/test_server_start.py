@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from flows.server import DEFAULT_STARTUP_TIMEOUT_S, TIMEOUT_ENV, startup_timeout
+from mace_ood.flows.server import DEFAULT_STARTUP_TIMEOUT_S, TIMEOUT_ENV, startup_timeout
 
 
 def test_the_start_up_timeout_is_raised_unless_the_user_set_one(monkeypatch):

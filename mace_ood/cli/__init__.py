@@ -130,8 +130,8 @@ def run_config(cfg) -> dict:
         plan_run(cfg, count=False)  # fail fast, before any Prefect or Dask start-up
     except (InputError, ModelError) as exc:
         _fail(str(exc))
-    from flows.ood import TaskFailures, ood_detection
-    from flows.server import ServerStartError, run_api
+    from mace_ood.flows.ood import TaskFailures, ood_detection
+    from mace_ood.flows.server import ServerStartError, run_api
     from mace_ood.runtime import stop_on_signals
 
     with stop_on_signals(f"mace-ood on {cfg.output_dir}"):
@@ -153,7 +153,7 @@ def serve(
     cfg = _load(config)
     from prefect.settings import get_current_settings
 
-    from flows.ood import ood_detection
+    from mace_ood.flows.ood import ood_detection
 
     if not get_current_settings().api.url:
         typer.secho("warning: PREFECT_API_URL is not set: serving on a temporary server that no UI sees",

@@ -17,8 +17,8 @@ from mace_ood.extract.oom import free_device_memory, is_out_of_memory
 from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import ExtractionJob, ExtractionResult
 from mace_ood.runtime import configure_process
-from tasks.artifacts import artifact_key
-from tasks.console import hide_console_tracebacks
+from mace_ood.tasks.artifacts import artifact_key
+from mace_ood.tasks.console import hide_console_tracebacks
 
 
 def retry_on_out_of_memory(task, task_run, state) -> bool:

@@ -8,8 +8,8 @@ from prefect.cache_policies import NO_CACHE
 from mace_ood.config import RunConfig
 from mace_ood.records import EvaluationPlan, ReportResult, SkippedStructure
 from mace_ood.report.build import build_report
-from tasks.artifacts import publish_artifacts
-from tasks.console import hide_console_tracebacks
+from mace_ood.tasks.artifacts import publish_artifacts
+from mace_ood.tasks.console import hide_console_tracebacks
 
 
 @task(name="report", cache_policy=NO_CACHE)

@@ -12,7 +12,7 @@ from mace_ood.extract.devices import worker_device, worker_label
 from mace_ood.records import EvaluationPlan, ScoreResult
 from mace_ood.runtime import configure_process
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation
-from tasks.console import hide_console_tracebacks
+from mace_ood.tasks.console import hide_console_tracebacks
 
 
 def _record(label: str, path: str, device: str, started: float) -> ScoreResult:

@@ -10,7 +10,6 @@ from prefect import flow, unmapped
 from prefect.logging import get_run_logger
 from prefect_dask import DaskTaskRunner
 
-from flows.server import is_temporary, start_temporary_server
 from mace_ood.cluster import (
     check_cluster,
     jobqueue_cluster_class,
@@ -20,6 +19,7 @@ from mace_ood.cluster import (
 from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
+from mace_ood.flows.server import is_temporary, start_temporary_server
 from mace_ood.plan import plan_run
 from mace_ood.records import (
     EvaluationPlan,
@@ -29,10 +29,10 @@ from mace_ood.records import (
     ScoreResult,
 )
 from mace_ood.runtime import configure_process, quiet_resource_tracker, stop_on_signals
-from tasks.console import hide_console_tracebacks
-from tasks.extract import extract_latents
-from tasks.report import write_report
-from tasks.score import fit_reference_task, score_latents
+from mace_ood.tasks.console import hide_console_tracebacks
+from mace_ood.tasks.extract import extract_latents
+from mace_ood.tasks.report import write_report
+from mace_ood.tasks.score import fit_reference_task, score_latents
 
 
 def prefect_api_url() -> tuple[str | None, bool]:
