@@ -74,7 +74,7 @@ def forces_run(tmp_path, tiny_models):
             for i, m in enumerate(tiny_models["T1"])
         )
         evaluations.append(EvaluationPlan("F", dataset, dataset == "D0", latent_paths))
-    reference = fit_family_reference(evaluations[0], tmp_path, ScoresConfig(gmm_components=[1]))
+    reference = fit_family_reference(evaluations[0], tmp_path, ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0))
     for evaluation in evaluations:
         score_evaluation(evaluation, tmp_path, 64, reference)
     return evaluations
@@ -147,7 +147,7 @@ def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
 
     paths, _, sizes = synthetic_latent_files(tmp_path / "latents", n_seeds=2, sizes=(5, 7, 3) * 4)
     evaluation = EvaluationPlan("F", "D", True, tuple(str(p) for p in paths))
-    score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, ScoresConfig(gmm_components=[1])))
+    score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)))
     every = [f"s{i}" for i in range(len(sizes))]  # fit or calibration rows: all known
     labelled = evaluation_data(tmp_path, labels=dict.fromkeys(every, True))
     n = len(labelled)  # the calibration rows, labels applied
