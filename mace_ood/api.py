@@ -32,7 +32,7 @@ from mace_ood.extract.stream import non_finite_output
 from mace_ood.metadata import info_fields
 from mace_ood.records import EvaluationPlan
 from mace_ood.report.tables import evaluation_table, order_columns, rank_table, table_from_scores
-from mace_ood.score.calibrate import add_percentiles, calibration_mask, read_atom_calibration
+from mace_ood.score.calibrate import add_percentiles, training_atom_calibration
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.reference import FamilyReference
 from mace_ood.structures import check_structure
@@ -163,9 +163,7 @@ class Run:
                 raise RunError(f"{own_file}: missing (was the run finished with reference: true?)")
             table = evaluation_table(own_file, family, self.trained_on(family), True, None,
                                      self.config.metadata.patterns)
-            select = self.config.select
-            atoms = read_atom_calibration(own_file, list(table.loc[calibration_mask(table), "structure_id"]),
-                                          sorted({*select.combine, select.score}), self.config.scores.split_block_frames)
+            atoms = training_atom_calibration(table, own_file, self.config.select, self.config.scores.split_block_frames)
             self._calibrations[family] = (self.reference(family), table, atoms)
         return self._calibrations[family]
 

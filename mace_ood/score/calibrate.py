@@ -193,14 +193,20 @@ def calibrate_run(
 ) -> dict[str, dict]:
     """:func:`add_percentiles` with each family's calibration atoms read from its training set's
     scores file (``score_files`` by evaluation label): what a run's report and ``evaluate`` share."""
-    atom_calibration = {}
-    for evaluation in [e for e in evaluations if e.reference]:
-        training = tables[evaluation.label]
-        atom_calibration[evaluation.family] = read_atom_calibration(
-            score_files[evaluation.label], list(training.loc[calibration_mask(training), "structure_id"]),
-            sorted({*select.combine, select.score}), block_frames,
-        )
+    atom_calibration = {
+        e.family: training_atom_calibration(tables[e.label], score_files[e.label], select, block_frames)
+        for e in evaluations if e.reference
+    }
     return add_percentiles(tables, evaluations, select, atom_calibration, block_frames)
+
+
+def training_atom_calibration(
+    training: pd.DataFrame, scores_file: str | Path, select: SelectConfig, block_frames: int = 10,
+) -> dict[str, AtomCalibration]:
+    """The calibration atoms of a family's training set (``training``: its table) for every
+    ``_max`` score that ``select`` ranks or combines by."""
+    return read_atom_calibration(scores_file, list(training.loc[calibration_mask(training), "structure_id"]),
+                                 sorted({*select.combine, select.score}), block_frames)
 
 
 def _flag_statistic(table: pd.DataFrame, score: str, calibration_rows: pd.DataFrame, own_rows: np.ndarray,
