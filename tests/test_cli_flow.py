@@ -216,8 +216,8 @@ def test_config_labels_override_the_natural_ones(finished_run, tmp_path):
 @pytest.mark.slow
 def test_rescoring_extracts_only_new_structures(finished_run, tmp_path):
     import ase.io
-    from mace_ood.flows.ood import rescore_from_file
 
+    from mace_ood.flows.ood import rescore_from_file
     from mace_ood.testing import random_structures
 
     work, result = finished_run

@@ -155,9 +155,9 @@ def test_gpu_tasks_without_gpu_workers_are_refused(tmp_path):
 def test_a_worker_killed_mid_run_does_not_change_the_result(prefect_server, project, tmp_path):
     """Dask reschedules the killed worker's task; its extraction resumes from the disk."""
     import ase.io
-    from mace_ood.flows.ood import ood_detection
     from prefect.settings import PREFECT_API_URL
 
+    from mace_ood.flows.ood import ood_detection
     from mace_ood.testing import random_structures
 
     work = tmp_path / "p"

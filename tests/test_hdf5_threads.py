@@ -64,10 +64,10 @@ def test_busy_flow_runs_every_netcdf_read_inside_its_own_task(prefect_server, tm
     turned that into ``NetCDF: HDF error``), no HDF5 error is printed, the scores never change."""
     import pandas as pd
     from distributed import Client, LocalCluster, get_task_stream
-    from mace_ood.flows.ood import ood_detection
     from prefect.settings import PREFECT_API_URL
 
     from mace_ood.config import load_config
+    from mace_ood.flows.ood import ood_detection
     from tests.synthetic import make_busy_project
 
     config_path = make_busy_project(tmp_path / "busy")

@@ -147,7 +147,6 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     import ase.io
     import pandas as pd
     import psutil
-    from mace_ood.flows.ood import ood_detection
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
@@ -155,6 +154,7 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     from prefect.states import State
 
     from mace_ood.config import load_config
+    from mace_ood.flows.ood import ood_detection
     from mace_ood.testing import random_structures
 
     url, env = server

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import mace_ood.tasks.extract as extract_module
 import pytest
 from prefect import flow
 
+import mace_ood.tasks.extract as extract_module
 from mace_ood.config import ExtractionSettings
 from mace_ood.extract.oom import OutOfMemoryError, is_out_of_memory
 from mace_ood.extract.stream import ExtractionSummary
