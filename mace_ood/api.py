@@ -30,11 +30,14 @@ from mace_ood.config import RunConfig
 from mace_ood.extract.runner import LatentExtractor
 from mace_ood.extract.stream import non_finite_output
 from mace_ood.metadata import info_fields
+from mace_ood.paths import evaluation_label
 from mace_ood.records import EvaluationPlan
-from mace_ood.report.tables import evaluation_table, order_columns, rank_table, table_from_scores
+from mace_ood.report.tables import order_columns
 from mace_ood.score.calibrate import add_percentiles, training_atom_calibration
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.reference import FamilyReference
+from mace_ood.score.tables import evaluation_table, rank_table, table_from_scores
+from mace_ood.select.table import read_selection
 from mace_ood.structures import check_structure
 
 
@@ -79,6 +82,12 @@ class Run:
         if dataset is not None:
             table = table[table["dataset"] == dataset]
         return table.sort_values(["family", "dataset", "selected"]).reset_index(drop=True)
+
+    def selection(self, family: str, dataset: str) -> pd.DataFrame:
+        """What the run's select stage decided for one evaluation: every structure, in rank order,
+        with every score, percentile, p-value, ``ood`` and the pick fields."""
+        self.trained_on(family)
+        return read_selection(self.path, evaluation_label(family, dataset))
 
     def trained_on(self, family: str) -> str:
         if family not in self.config.model_families:

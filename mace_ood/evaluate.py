@@ -27,10 +27,9 @@ import ase.io
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 
 from mace_ood.files import pyplot, save_figure
-from mace_ood.report.tables import evaluation_table
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import ALL_SCORES
 from mace_ood.structures import InputError
@@ -39,15 +38,17 @@ EVALUATION_COLUMNS = ["family", "dataset", "score", "metric", "value", "ci_low",
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    rx, ry = rankdata(x), rankdata(y)
-    if rx.std() == 0 or ry.std() == 0:
+    """Spearman's rank correlation (scipy; average ranks for ties), NaN for a constant input."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(spearmanr(x, y).statistic)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half)."""
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half).
+
+    Equal to scikit-learn's ``roc_auc_score`` (a test checks it), which takes 1.1 ms a call here
+    against 0.04 ms for this, and the bootstrap calls it a thousand times per score."""
     labels = np.asarray(labels, dtype=bool)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
@@ -156,13 +157,13 @@ def read_labels(path: str | Path) -> dict[str, bool]:
 def evaluation_data(
     run_dir: str | Path, forces_key: str = "REF_forces", labels: dict[str, bool] | None = None
 ) -> pd.DataFrame:
-    """Every structure of every evaluation of a run, with all scores (the combined one and the
-    percentiles recomputed as in the run), its ``force_rmse`` joined by structure id, its
-    ``ood_label`` and ``split``. Rows of the training structures the reference was fitted on are
+    """Every structure of every evaluation of a run, with all scores, p-values and flags as the
+    run's select stage wrote them (``selection/<label>.csv``), its ``force_rmse`` joined by
+    structure id, its ``ood_label`` and ``split``. Rows of the training structures the reference was fitted on are
     dropped: they may only be compared with data the fit has not seen."""
     from mace_ood.config import RunConfig, ScoresConfig, SelectConfig
-    from mace_ood.records import EvaluationPlan
-    from mace_ood.score.calibrate import calibrate_run, structure_groups
+    from mace_ood.score.calibrate import structure_groups
+    from mace_ood.select.table import read_selection
 
     run_dir = Path(run_dir)
     files = sorted((run_dir / "scores").glob("*.nc"))
@@ -171,19 +172,13 @@ def evaluation_data(
     config_file = run_dir / "run_config.json"
     config = RunConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
     select = config.select if config else SelectConfig()
-    evaluations, tables, score_files = [], {}, {}
-    for path in files:
-        with xr.open_dataset(path) as ds:
-            family, dataset, reference = ds.attrs["family"], ds.attrs["dataset"], bool(ds.attrs["reference"])
-        evaluation = EvaluationPlan(family, dataset, reference, ())
-        table = evaluation_table(path, family, dataset, reference, None)
+    tables = {}
+    for path in files:  # the select stage's decisions: p-values, flags and the combined score as the run had them
+        table = read_selection(run_dir, path.stem)
         errors = force_errors(path, forces_key)
         table["force_rmse"] = table["structure_id"].map(errors) if errors is not None else np.nan
-        evaluations.append(evaluation)
-        tables[evaluation.label] = table
-        score_files[evaluation.label] = path
+        tables[path.stem] = table
     block_frames = (config.scores if config else ScoresConfig()).split_block_frames
-    calibrate_run(tables, evaluations, score_files, select, block_frames)
     data = pd.concat(tables.values(), ignore_index=True)
     if "split" not in data.columns:
         data["split"] = ""

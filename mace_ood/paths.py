@@ -21,6 +21,16 @@ def reference_path(output_dir: str | Path, family: str) -> Path:
     return Path(output_dir) / "reference" / f"{family}.pkl"
 
 
+def selection_path(output_dir: str | Path, label: str) -> Path:
+    """The select stage's decisions for one evaluation: every structure's scores, p-value, flag and pick."""
+    return Path(output_dir) / "selection" / f"{label}.csv"
+
+
+def selection_summary_path(output_dir: str | Path, label: str) -> Path:
+    """What the select stage tells about one evaluation (its summary row, as JSON)."""
+    return Path(output_dir) / "selection" / f"{label}.json"
+
+
 def top_dir(output_dir: str | Path, label: str) -> Path:
     return Path(output_dir) / "top" / label
 

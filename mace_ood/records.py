@@ -101,9 +101,25 @@ class EvaluationSummary(TypedDict):
     n_calibration: int
     delivered_rate: float
     combined_of: str
+    threshold: float
     alpha_note: str
+    strategy: str
+    n_candidates: int
+    n_selected: int
+    n_selected_ood: int
+    selection_note: str
     top_structure: str
     top_dir: str
+
+
+class SelectionResult(TypedDict):
+    """What a select task returns: its decisions table, its summary (JSON) and its wall time."""
+
+    label: str
+    table: str
+    summary: str
+    wall_s: float
+    worker: str
 
 
 class ReportResult(TypedDict, total=False):
@@ -114,3 +130,4 @@ class ReportResult(TypedDict, total=False):
     top: dict[str, list[dict]]
     extractions: list[dict]
     scoring: list[dict]
+    selection: list[dict]

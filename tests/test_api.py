@@ -39,6 +39,8 @@ def test_in_memory_scores_equal_the_runs(run):
     assert (table.loc[expected.index, "ood"] == expected["ood"]).all()
     assert (table.loc[expected.index, "rank"] == expected["rank"]).all()
     assert run.selected("MACE_T1", "T2")["selected"].tolist() == [1, 2]
+    decided = run.selection("MACE_T1", "T2").set_index("structure_id")
+    np.testing.assert_array_equal(decided.loc[expected.index, "combined_pvalue"], expected["combined_pvalue"])
 
 
 def test_unknown_family_and_unscorable_structures_are_one_line(run):

@@ -157,6 +157,23 @@ def test_run_end_to_end(finished_run):
     assert [r["structure_id"] for r in rows] == list(picks.structure_id)
     assert summaries and "MACE_T1 on T2" in summaries[0].data
 
+    # calibration and selection are their own stage: one task run per evaluation, whose decisions
+    # the report rendered (the same numbers and picks in scores.csv)
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from mace_ood.select.table import read_selection
+
+    select_runs = {f"select {f} on {d}" for f, d in [("MACE_T1", "T2"), ("MACE_T2", "T1"), ("MACE_T1", "T1"),
+                                                     ("MACE_T2", "T2")]}
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=sorted(select_runs))))
+    assert {r.name for r in runs} == select_runs and all(r.state.is_completed() for r in runs)
+    decided = read_selection(out, "MACE_T1__T2").set_index("structure_id").loc[t1_on_t2.structure_id]
+    for column in [DEFAULT_SCORE, f"{DEFAULT_SCORE}_pvalue", "latent_variance", "rank"]:
+        np.testing.assert_array_equal(decided[column].to_numpy(), t1_on_t2[column].to_numpy())
+    assert list(decided["ood"]) == list(t1_on_t2["ood"])
+    assert list(decided["selected"].fillna(0)) == list(t1_on_t2["selected"].fillna(0))
+
     # a second run reuses every latent file (no forward pass) and gives the same scores
     again = runner.invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
     assert again.exit_code == 0, again.output

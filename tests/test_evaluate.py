@@ -58,6 +58,7 @@ def forces_run(tmp_path, tiny_models):
     from mace_ood.extract.stream import extract_to_netcdf
     from mace_ood.records import EvaluationPlan
     from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+    from mace_ood.select.stage import select_run
     from mace_ood.testing import random_structures
 
     rng = np.random.default_rng(7)
@@ -74,9 +75,11 @@ def forces_run(tmp_path, tiny_models):
             for i, m in enumerate(tiny_models["T1"])
         )
         evaluations.append(EvaluationPlan("F", dataset, dataset == "D0", latent_paths))
-    reference = fit_family_reference(evaluations[0], tmp_path, ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0))
+    scores = ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)
+    reference = fit_family_reference(evaluations[0], tmp_path, scores)
     for evaluation in evaluations:
         score_evaluation(evaluation, tmp_path, 64, reference)
+    select_run(tmp_path, evaluations, scores=scores)
     return evaluations
 
 
@@ -143,11 +146,14 @@ def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
     from mace_ood.evaluate import evaluation_data
     from mace_ood.records import EvaluationPlan
     from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+    from mace_ood.select.stage import select_run
     from tests.synthetic import synthetic_latent_files
 
     paths, _, sizes = synthetic_latent_files(tmp_path / "latents", n_seeds=2, sizes=(5, 7, 3) * 4)
     evaluation = EvaluationPlan("F", "D", True, tuple(str(p) for p in paths))
-    score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)))
+    scores = ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)
+    score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, scores))
+    select_run(tmp_path, [evaluation], scores=scores)
     every = [f"s{i}" for i in range(len(sizes))]  # fit or calibration rows: all known
     labelled = evaluation_data(tmp_path, labels=dict.fromkeys(every, True))
     n = len(labelled)  # the calibration rows, labels applied

@@ -13,6 +13,7 @@ from mace_ood.config import ScoresConfig
 from mace_ood.evaluate import evaluation_data
 from mace_ood.records import EvaluationPlan
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+from mace_ood.select.stage import select_run
 from tests.synthetic import synthetic_latent_files
 
 
@@ -27,6 +28,7 @@ def test_score_stages_never_hand_their_reads_to_another_scheduler(tmp_path):
     with dask.config.set(scheduler=refuse_other_schedulers):
         reference = fit_family_reference(evaluation, tmp_path, scores)
         path = score_evaluation(evaluation, tmp_path, 16, reference)
+        select_run(tmp_path, [evaluation], scores=scores)
         table = evaluation_data(tmp_path)
     with xr.open_dataset(path) as ds:
         variance = ds["atom_latent_variance"].values

@@ -1,4 +1,4 @@
-"""The OOD detection flow: plan -> extract (Dask) -> score -> report."""
+"""The OOD detection flow: plan -> extract -> fit reference -> score -> calibrate + select (Dask) -> report."""
 
 
 import importlib.util
@@ -27,12 +27,14 @@ from mace_ood.records import (
     ExtractionResult,
     ReportResult,
     ScoreResult,
+    SelectionResult,
 )
 from mace_ood.runtime import configure_process, quiet_resource_tracker, stop_on_signals
 from mace_ood.tasks.console import hide_console_tracebacks
 from mace_ood.tasks.extract import extract_latents
 from mace_ood.tasks.report import write_report
 from mace_ood.tasks.score import fit_reference_task, score_latents
+from mace_ood.tasks.select import select_task
 
 
 def prefect_api_url() -> tuple[str | None, bool]:
@@ -111,13 +113,14 @@ def _gather(futures: list, names: list[str], what: str) -> list:
     return results
 
 
-@flow(name="extract-and-score", flow_run_name="extract {n_jobs} jobs, score {n_evaluations} evaluations")
+@flow(name="extract-and-score", flow_run_name="extract {n_jobs} jobs, score and select {n_evaluations} evaluations")
 def extract_and_score(
     jobs: list[ExtractionJob], evaluations: list[EvaluationPlan], config: RunConfig, gpu: bool, n_jobs: int,
     n_evaluations: int,
-) -> tuple[list[ExtractionResult], list[ScoreResult]]:
+) -> tuple[list[ExtractionResult], list[ScoreResult], list[SelectionResult]]:
     """On the Dask workers: every extraction (each runs even when another fails), then each
-    family's reference fit, then every evaluation's scores, each phase in parallel."""
+    family's reference fit, then every evaluation's scores, then every evaluation's calibration
+    and selection, each phase in parallel."""
     output_dir, scores = str(config.output_dir), config.scores
     with stop_on_signals(f"mace-ood on {output_dir}"), dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
         extractions = _gather(
@@ -135,7 +138,12 @@ def extract_and_score(
              for e in evaluations],
             [e.label for e in evaluations], "scoring(s)",
         )
-    return extractions, scored
+        own_of = {e.family: e for e in own}
+        selections = _gather(
+            [select_task.submit(e, own_of[e.family], output_dir, config.select, scores) for e in evaluations],
+            [e.label for e in evaluations], "selection(s)",
+        )
+    return extractions, scored, selections
 
 
 @flow(name="mace-ood", flow_run_name="mace-ood {config.output_dir}")
@@ -164,7 +172,7 @@ def _score_and_report(config: RunConfig) -> ReportResult:
         found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu,
                               temporary_server=temporary_server)
         logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"], found["gpu_workers"])
-    extractions, scored = extract_and_score.with_options(task_runner=runner)(
+    extractions, scored, selections = extract_and_score.with_options(task_runner=runner)(
         plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
     )
     skipped = [
@@ -172,13 +180,14 @@ def _score_and_report(config: RunConfig) -> ReportResult:
         for r in extractions
         for s in r["skipped"]
     ]
-    result = write_report(config, plan.evaluations, [r["path"] for r in scored], skipped)
+    result = write_report(config, plan.evaluations, selections, skipped)
     result["extractions"] = [
         {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "computed_structures",
                            "copied_structures", "wall_s", "atoms_per_s", "reused", "worker")}
         for r in extractions
     ]
     result["scoring"] = [{k: r[k] for k in ("label", "worker", "device", "wall_s")} for r in scored]
+    result["selection"] = [{k: r[k] for k in ("label", "worker", "wall_s")} for r in selections]
     logger.info(
         "report: %s; scores of every structure: %s",
         result["paths"]["report_xlsx"], result["paths"]["scores_csv"],

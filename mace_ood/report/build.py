@@ -9,98 +9,73 @@ import pandas as pd
 
 from mace_ood.config import RunConfig
 from mace_ood.files import write_csv, write_text
-from mace_ood.paths import chemiscope_path, histogram_path, latent_pca_plot_path, top_dir
-from mace_ood.records import EvaluationPlan, ReportResult, SkippedStructure
+from mace_ood.paths import (
+    chemiscope_path,
+    histogram_path,
+    latent_pca_plot_path,
+    scores_path,
+    top_dir,
+)
+from mace_ood.records import EvaluationPlan, ReportResult, SelectionResult, SkippedStructure
 from mace_ood.report.chemiscope import write_chemiscope
 from mace_ood.report.excel import write_excel
 from mace_ood.report.plots import plot_latent_pca, plot_score_histograms
 from mace_ood.report.structures import write_selected
-from mace_ood.report.tables import evaluation_table, order_columns, rank_table, read_descriptors
+from mace_ood.report.tables import order_columns
 from mace_ood.runtime import hdf5_in_this_thread
-from mace_ood.score.calibrate import (
-    alpha_note,
-    calibrate_run,
-    calibration_mask,
-    reference_evaluation,
-)
-from mace_ood.score.compute import COMBINED_SCORE
-from mace_ood.select.batch import select_structures
+from mace_ood.score.reference import calibration_mask
+from mace_ood.score.tables import metadata_table
+from mace_ood.select.table import picks, read_selection, read_selection_summary
 
 log = logging.getLogger(__name__)
+
+
+def rendered_table(output_dir: Path, evaluation: EvaluationPlan, patterns: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """The select stage's decisions for one evaluation, with the structures' metadata (``atoms.info``
+    and file-name fields) read from its scores file."""
+    import xarray as xr
+
+    decisions = read_selection(output_dir, evaluation.label)
+    with xr.open_dataset(scores_path(output_dir, evaluation.label), engine="netcdf4") as ds:
+        meta = metadata_table(ds, patterns)
+    meta = meta[["structure_id", *[c for c in meta.columns if c not in decisions.columns]]]
+    return decisions.merge(meta, on="structure_id", how="left", validate="one_to_one")
+
+
+def own_evaluation(evaluations: list[EvaluationPlan], family: str) -> EvaluationPlan:
+    """The evaluation of ``family`` on its own training set."""
+    return next(e for e in evaluations if e.family == family and e.reference)
 
 
 @hdf5_in_this_thread()
 def build_report(
     config: RunConfig,
     evaluations: list[EvaluationPlan],
-    score_files: list[str],
+    selections: list[SelectionResult],
     skipped: list[SkippedStructure],
 ) -> ReportResult:
-    """Calibrate, select and write: scores.csv, the selected CIF/extxyz, skipped.csv, report.xlsx,
-    plots and chemiscope files; returns paths, one summary per evaluation and the first picks."""
+    """Render what the select stage decided: scores.csv, the selected CIF/extxyz, skipped.csv,
+    report.xlsx, plots and chemiscope files; returns paths, one summary per evaluation and the
+    first picks. Calibrates nothing and selects nothing."""
     output_dir = Path(config.output_dir)
-    selected, summary_rows = {}, []
     score = config.select.score
-    files = dict(zip([e.label for e in evaluations], score_files, strict=True))
-    by_label = {
-        e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, config.metadata.patterns)
-        for e in evaluations
-    }
-    delivered = calibrate_run(by_label, evaluations, files, config.select, config.scores.split_block_frames)
-    for family, flag in delivered.items():
-        components = flag["components"]
-        log.info("%s: ranking by %s%s", family, score,
-                 f" = the most surprising of {', '.join(components)}" if score == COMBINED_SCORE else "")
-        left_out = [c for c in config.select.combine if c not in components]
-        if score == COMBINED_SCORE and left_out:
-            log.warning("%s: combined leaves out %s (not computed in this run%s)", family, ", ".join(left_out),
-                        "; `forces: true` computes force scores" if not config.forces else "")
-        (log.warning if flag["effective_alpha"] > flag["alpha"] else log.info)("%s", alpha_note(family, flag))
-    if score not in next(iter(by_label.values())).columns:
-        raise ValueError(f"select.score {score!r} was not computed in this run")
-    by_label = {label: rank_table(table, score) for label, table in by_label.items()}
+    decided = {record["label"] for record in selections}
+    missing = [e.label for e in evaluations if e.label not in decided]
+    if missing:
+        raise ValueError(f"no selection for {', '.join(missing)}: the select stage did not run for them")
     shown = [e for e in evaluations if e.shown]
+    needed = {*(e.label for e in shown), *(own_evaluation(evaluations, e.family).label for e in shown)}
+    tables = {e.label: rendered_table(output_dir, e, config.metadata.patterns) for e in evaluations
+              if e.label in needed}
+    summaries = {e.label: read_selection_summary(output_dir, e.label) for e in shown}
+    selected = {}
     for evaluation in shown:
-        table = by_label[evaluation.label]
-        own = reference_evaluation(evaluations, evaluation.family)
-        training = by_label[own.label]
-        selection = select_structures(
-            table, config.select, read_descriptors(files[evaluation.label], table["structure_id"]),
-            read_descriptors(files[own.label], training["structure_id"]), training["structure_id"].to_numpy(),
-            reference=evaluation.reference,
-        )
-        table["selected"] = pd.Series(
-            selection.rows["selected"].to_numpy(), index=selection.rows.index
-        ).reindex(table.index).astype("Int64")
-        written = write_selected(selection.rows, files[evaluation.label], top_dir(output_dir, evaluation.label), score)
+        scores_file = scores_path(output_dir, evaluation.label)
+        written = write_selected(picks(tables[evaluation.label]), scores_file, top_dir(output_dir, evaluation.label),
+                                 score)
         selected[evaluation.label] = order_columns(written, score)
-        if selection.note:
-            log.warning("%s: %s", evaluation.label, selection.note)
-        summary_rows.append({
-            "evaluation": evaluation.label,
-            "family": evaluation.family,
-            "dataset": evaluation.dataset,
-            "reference": evaluation.reference,
-            "n_structures": len(table),
-            "n_atoms": int(table["n_atoms"].sum()),
-            "score": score,
-            "median_score": float(table[score].median()),
-            "max_score": float(table[score].max()),
-            "n_ood": int(table["ood"].sum()),
-            "alpha": config.select.alpha,
-            "n_calibration": delivered[evaluation.family]["n_calibration"],
-            "delivered_rate": delivered[evaluation.family]["delivered_rate"],
-            "combined_of": ",".join(delivered[evaluation.family]["components"]) if score == COMBINED_SCORE else "",
-            "alpha_note": alpha_note(evaluation.family, delivered[evaluation.family]),
-            "strategy": selection.strategy,
-            "n_selected": len(selection.rows),
-            "n_selected_ood": int(selection.rows["ood"].sum()),
-            "selection_note": selection.note,
-            "top_structure": table.iloc[0]["structure_id"],
-            "top_dir": str(top_dir(output_dir, evaluation.label)),
-        })
-    tables = [by_label[e.label] for e in shown]
-    all_scores = order_columns(pd.concat(tables, ignore_index=True), score)
+    shown_tables = [tables[e.label] for e in shown]
+    all_scores = order_columns(pd.concat(shown_tables, ignore_index=True), score)
     skipped_frame = pd.DataFrame(
         skipped, columns=["family", "seed", "dataset", "structure_id", "source_file", "frame_index", "reason"]
     )
@@ -110,7 +85,7 @@ def build_report(
             skipped_frame.astype({"seed": str}).groupby(keys, sort=False, dropna=False)["seed"]
             .agg(",".join).rename("seeds").reset_index()
         )
-    summary = pd.DataFrame(summary_rows)
+    summary = pd.DataFrame([summaries[e.label] for e in shown])
     paths = {
         "run_config": str(write_text(config.model_dump_json(indent=2), output_dir / "run_config.json")),
         "scores_csv": str(write_csv(all_scores, output_dir / "scores.csv")),
@@ -118,24 +93,24 @@ def build_report(
         "report_xlsx": str(write_excel(output_dir / "report.xlsx", summary, selected, skipped_frame, score)),
     }
     for evaluation in shown:
-        reference = reference_evaluation(evaluations, evaluation.family)
+        reference = own_evaluation(evaluations, evaluation.family)
         title = f"{evaluation.family} on {evaluation.dataset}"
+        scores_file = scores_path(output_dir, evaluation.label)
         plot_latent_pca(
-            evaluation.latent_paths[0], reference.latent_paths[0], files[evaluation.label], score,
+            evaluation.latent_paths[0], reference.latent_paths[0], scores_file, score,
             latent_pca_plot_path(output_dir, evaluation.label), title,
         )
-        write_chemiscope(
-            by_label[evaluation.label], files[evaluation.label], evaluation.latent_paths[0],
-            chemiscope_path(output_dir, evaluation.label), score,
-        )
+        write_chemiscope(tables[evaluation.label], scores_file, evaluation.latent_paths[0],
+                         chemiscope_path(output_dir, evaluation.label), score)
     paths["latent_pca_plots"] = str(output_dir / "plots")
     paths["chemiscope"] = str(output_dir / "chemiscope")
     calibration = []
     for evaluation in shown:
-        training = by_label[reference_evaluation(evaluations, evaluation.family).label]
+        training = tables[own_evaluation(evaluations, evaluation.family).label]
         calibration.append(training[calibration_mask(training)])
     plot = plot_score_histograms(
-        tables, calibration, score, config.select.alpha, histogram_path(output_dir, score),
+        shown_tables, calibration, [summaries[e.label]["threshold"] for e in shown], score, config.select.alpha,
+        histogram_path(output_dir, score),
     )
     if plot:
         paths["histogram_png"] = plot

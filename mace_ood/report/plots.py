@@ -11,7 +11,6 @@ import xarray as xr
 from mace_ood.files import pyplot, save_figure
 from mace_ood.report.tables import per_atom_name
 from mace_ood.runtime import hdf5_in_this_thread
-from mace_ood.score.conformal import conformal_threshold
 from mace_ood.score.reference import sample_atoms
 
 
@@ -64,16 +63,18 @@ def plot_latent_pca(
 
 
 def plot_score_histograms(
-    tables: list[pd.DataFrame], references: list[pd.DataFrame], score: str, alpha: float, path: Path
+    tables: list[pd.DataFrame], references: list[pd.DataFrame], thresholds: list[float], score: str, alpha: float,
+    path: Path,
 ) -> str | None:
-    """Per evaluation: the score histogram, its family's calibration-set histogram and the score the
-    conformal flag at ``alpha`` needs to exceed (for a size-aware ``_max`` flag it depends on the size:
-    then the line is the threshold for the calibration structures' sizes)."""
+    """Per evaluation: the score histogram, its family's calibration-set histogram and ``thresholds``,
+    the score the conformal flag at ``alpha`` needs to exceed (the select stage's ``threshold``; for a
+    size-aware ``_max`` flag it depends on the size: then it is the threshold among calibration
+    structures)."""
     if not tables:
         return None
     plt = pyplot()
     fig, axes = plt.subplots(len(tables), 1, figsize=(7, 2.4 * len(tables)), squeeze=False)
-    for ax, table, reference in zip(axes[:, 0], tables, references, strict=True):
+    for ax, table, reference, threshold in zip(axes[:, 0], tables, references, thresholds, strict=True):
         values = table[score].to_numpy()
         ref_values = reference[score].to_numpy()
         both = np.concatenate([values, ref_values])
@@ -85,7 +86,6 @@ def plot_score_histograms(
         ax.hist(ref_values, bins=bins, alpha=0.45, label=f"{family} calibration structures", color="tab:grey")
         if not table["reference"].iloc[0]:
             ax.hist(values, bins=bins, alpha=0.6, label=f"{dataset}", color="tab:red")
-        threshold = conformal_threshold(ref_values, alpha)
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"ood threshold (alpha {alpha:g})")
         ax.set_title(f"{family} on {dataset}", fontsize=9)
         ax.set_ylabel("structures")

@@ -28,9 +28,7 @@ from mace_ood.score.conformal import (
     group_own_counts,
     sidak_log_pvalue,
 )
-from mace_ood.score.reference import split_groups, structure_atom_rows
-
-CALIBRATION_SPLITS = ("calibration", "fit+calibration")  # the latter: too few structures to split
+from mace_ood.score.reference import atom_rows, calibration_mask, split_groups
 
 
 def percentile_against(values: np.ndarray, reference_values: np.ndarray) -> np.ndarray:
@@ -47,13 +45,6 @@ def percentile_against(values: np.ndarray, reference_values: np.ndarray) -> np.n
 def combined_components(table: pd.DataFrame, select: SelectConfig) -> list[str]:
     """The scores of ``select.combine`` that this run computed (all finite somewhere)."""
     return [name for name in select.combine if name in table.columns and np.isfinite(table[name]).any()]
-
-
-def calibration_mask(reference_table: pd.DataFrame) -> np.ndarray:
-    """Rows of the family's own training set that the reference was not fitted on."""
-    if "split" not in reference_table.columns:
-        return np.ones(len(reference_table), dtype=bool)
-    return reference_table["split"].isin(CALIBRATION_SPLITS).to_numpy()
 
 
 def reference_evaluation(evaluations: list[EvaluationPlan], family: str) -> EvaluationPlan:
@@ -91,7 +82,7 @@ def read_atom_calibration(
         which = np.isin(ids, list(calibration_ids))
         counts = ds["n_atoms"].values[which].astype(np.int64)
         starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
-        rows = structure_atom_rows(ds["atom_offset"].values, ds["n_atoms"].values, which)
+        rows = atom_rows(ds["atom_offset"].values[which], ds["n_atoms"].values[which])
         groups = structure_groups(pd.DataFrame({
             "structure_id": ids[which], "source_file": ds["source_file"].values.astype(str)[which],
             "frame_index": ds["frame_index"].values[which],

@@ -23,10 +23,10 @@ from mace_ood.score.reference import (
     MIN_CALIBRATION_GROUPS,
     MIN_STRUCTURES_TO_SPLIT,
     FamilyReference,
+    atom_rows,
     fit_reference,
     split_groups,
     split_structures,
-    structure_atom_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, sco
                                      scores.split_block_frames))),
                 scores.split_block_frames, MIN_STRUCTURES_TO_SPLIT, MIN_CALIBRATION_GROUPS + 1,
             )
-        fit_rows = structure_atom_rows(latents["atom_offset"].values, latents["n_atoms"].values, side == FIT)
+        fit_rows = atom_rows(latents["atom_offset"].values[side == FIT], latents["n_atoms"].values[side == FIT])
         reference = fit_reference(
             latents["latent"], max_atoms=scores.reference_max_atoms, knn_k=scores.knn_k, ridge=scores.ridge,
             gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms, atoms=fit_rows,

@@ -151,12 +151,25 @@ def split_structures(
     return side
 
 
-def structure_atom_rows(atom_offset: np.ndarray, n_atoms: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """Atom rows of the structures selected by the boolean mask ``which``, in file order."""
-    starts, counts = np.asarray(atom_offset)[which], np.asarray(n_atoms)[which]
-    if len(starts) == 0:
+CALIBRATION_SPLITS = (CALIBRATION, "fit+calibration")  # the latter: too few structures to split
+
+
+def calibration_mask(reference_table) -> np.ndarray:
+    """Rows of the family's own training set (a table with a ``split`` column) that the reference
+    was not fitted on."""
+    if "split" not in reference_table.columns:
+        return np.ones(len(reference_table), dtype=bool)
+    return reference_table["split"].isin(CALIBRATION_SPLITS).to_numpy()
+
+
+def atom_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Atom rows of structures starting at ``starts`` with ``counts`` atoms, concatenated in their
+    order (vectorised: no Python loop over structures)."""
+    starts, counts = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    if counts.size == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in zip(starts, counts, strict=True)])
+    first_of_each = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + (np.arange(int(counts.sum()), dtype=np.int64) - first_of_each)
 
 
 def sample_atoms(n_atoms: int, max_atoms: int, seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Report task: select, write every output file, and publish the Prefect UI artifacts."""
+"""Report task: render what the select tasks decided as files, and publish the Prefect UI artifacts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mace_ood.config import RunConfig
-from mace_ood.records import EvaluationPlan, ReportResult, SkippedStructure
+from mace_ood.records import EvaluationPlan, ReportResult, SelectionResult, SkippedStructure
 from mace_ood.report.build import build_report
 from mace_ood.tasks.artifacts import publish_artifacts
 from mace_ood.tasks.console import hide_console_tracebacks
@@ -14,7 +14,8 @@ from mace_ood.tasks.console import hide_console_tracebacks
 
 @task(name="report", cache_policy=NO_CACHE)
 def write_report(
-    config: RunConfig, evaluations: list[EvaluationPlan], score_files: list[str], skipped: list[SkippedStructure]
+    config: RunConfig, evaluations: list[EvaluationPlan], selections: list[SelectionResult],
+    skipped: list[SkippedStructure],
 ) -> ReportResult:
     """scores.csv, top-K structures, skipped.csv, report.xlsx; returns paths and the top rows.
 
@@ -22,6 +23,6 @@ def write_report(
     a markdown summary with the file locations.
     """
     hide_console_tracebacks()
-    result = build_report(config, evaluations, score_files, skipped)
+    result = build_report(config, evaluations, selections, skipped)
     publish_artifacts(result, config)
     return result

@@ -11,10 +11,10 @@ from ase import Atoms
 from mace_ood.files import atomic_path
 from mace_ood.report.excel import sheet_name, write_excel
 from mace_ood.report.structures import write_selected
-from mace_ood.report.tables import evaluation_table
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.evaluation import write_scores_netcdf
 from mace_ood.score.latents import open_latents
+from mace_ood.score.tables import evaluation_table
 from mace_ood.select.top import select_top
 from tests.synthetic import synthetic_latent_files
 

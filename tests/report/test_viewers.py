@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from mace_ood.report.chemiscope import write_chemiscope
-from mace_ood.report.tables import evaluation_table, rank_table
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.evaluation import write_scores_netcdf
 from mace_ood.score.latents import open_latents
+from mace_ood.score.tables import evaluation_table, rank_table
 from mace_ood.testing import random_structures
 from tests.synthetic import free_port, synthetic_latent_files
 

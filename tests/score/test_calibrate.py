@@ -74,7 +74,7 @@ def test_per_structure_max_and_descriptor_against_loops(tmp_path):
 
 def test_a_nan_score_is_neither_ood_nor_first():
     """Regression: NaN got percentile 100 (flagged ood) and crashed the ranking after all the compute."""
-    from mace_ood.report.tables import rank_table
+    from mace_ood.score.tables import rank_table
 
     percent = percentile_against(np.array([np.nan, 0.5, 5.0, np.inf]), np.arange(4.0))
     assert np.isnan(percent[0]) and percent[1] == 25.0 and percent[2] == percent[3] == 100.0

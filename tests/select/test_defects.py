@@ -17,8 +17,8 @@ from ase.build import bulk
 from mace_ood.config import ExtractionSettings, ScoresConfig
 from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import EvaluationPlan
-from mace_ood.report.tables import read_descriptors
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+from mace_ood.score.tables import read_descriptors
 from mace_ood.select.diverse import select_diverse
 from mace_ood.testing import save_tiny_family, write_dataset
 
