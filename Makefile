@@ -32,12 +32,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Every benchmark (about 35 min on 2 cores); each prints a markdown table.
+# Every benchmark (about 40 min on 2 cores); each prints a markdown table.
 bench: setup
 	$(PY) benchmarks/extraction.py
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/selection.py
 	$(PY) benchmarks/all_scores.py --atoms 100000
+	$(PY) benchmarks/select_at_scale.py
 	$(PY) benchmarks/full_run.py memory
 	$(PY) benchmarks/full_run.py workers --seeds 4
 

@@ -64,6 +64,9 @@ LatentScoreName = Literal[
 ]
 ForceScoreName = Literal["force_deviation_max", "force_deviation_mean", "energy_std_per_atom"]
 CombinedScoreName = Literal["combined"]
+# need two or more models (a committee): a family of one model gets every other score
+COMMITTEE_SCORES = ("latent_variance", "latent_variance_max", "aligned_latent_variance", "aligned_latent_variance_max",
+                    "force_deviation_max", "force_deviation_mean", "energy_std_per_atom")
 ScoreName = Literal[LatentScoreName, ForceScoreName, CombinedScoreName]
 SelectStrategy = Literal["diverse", "top"]
 DEFAULT_COMBINED = ["mahalanobis_max", "force_deviation_mean"]  # README, "The scores": why these two

@@ -188,10 +188,15 @@ model_families:
   MACE_T2:
     trained_on: T2
     models: [{", ".join(f'"{p}"' for p in models["T2"])}]
+  MACE_T1_1model:         # one of MACE_T1's seeds alone: a family of one model, as a fine-tuned model is
+    trained_on: T1
+    models: ["{models["T1"][0]}"]
 evaluations:              # T2's MD contains 300 K bulk: T1 is not new to MACE_T2
   - {{family: MACE_T1, dataset: T2}}
   - {{family: MACE_T1, dataset: T1_test}}
   - {{family: MACE_T2, dataset: T1}}
+  - {{family: MACE_T1_1model, dataset: T2}}
+  - {{family: MACE_T1_1model, dataset: T1_test}}
 ood_labels: {{T1_test: false}}
 reference: true
 select: {{top_k: 30, alpha: 0.01}}

@@ -54,6 +54,40 @@ def check_output_dir(output_dir: Path) -> None:
         raise InputError(f"{output_dir}: output directory is not writable ({exc.strerror})") from None
 
 
+def family_scores(config: RunConfig, n_models: int) -> tuple[list[str], str]:
+    """The per-structure scores a family of ``n_models`` gets with ``config``, and what it lacks, in words."""
+    from typing import get_args
+
+    from mace_ood.config import COMMITTEE_SCORES, ForceScoreName, LatentScoreName
+
+    names = [*get_args(LatentScoreName), *(get_args(ForceScoreName) if config.forces else ())]
+    if not config.scores.gmm_components:
+        names = [n for n in names if not n.startswith("gmm_nll")]
+    missing = []
+    if n_models < 2:
+        names = [n for n in names if n not in COMMITTEE_SCORES]
+        missing.append("the seed-variance" + (" and committee (force, energy)" if config.forces else "")
+                       + " scores need 2 or more models")
+    if not config.forces:
+        missing.append("force scores need `forces: true`")
+    return [*names, "combined"], "; ".join(missing)
+
+
+def check_scores(config: RunConfig, family: str, n_models: int) -> None:
+    """A ranking score that a family cannot have is refused before any work, in one line."""
+    from mace_ood.config import COMMITTEE_SCORES
+
+    if n_models >= 2:
+        return
+    if config.select.score in COMMITTEE_SCORES:
+        raise ModelError(f"family {family!r}: 1 model; select.score {config.select.score!r} needs 2 or more "
+                         "(a committee): use combined, mahalanobis_max, knn_distance_max or gmm_nll_max")
+    usable = [c for c in config.select.combine if c not in COMMITTEE_SCORES]
+    if config.select.score == "combined" and not usable:
+        raise ModelError(f"family {family!r}: 1 model; none of select.combine ({', '.join(config.select.combine)}) "
+                         "can be computed without a committee: add mahalanobis_max")
+
+
 def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
     """Resolve globs, check every model family and the output folder, list the jobs.
 
@@ -77,6 +111,7 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
         paths = resolve_models(family, config.model_families[family].models)
         infos = [describe_model(p, config.layers) for p in paths]
         check_family(family, infos, config.model_families[family].head)
+        check_scores(config, family, len(infos))
         plan.models[family] = [info.as_dict() for info in infos]
     for family, dataset, reference, is_shown in pairs:
         outputs = []

@@ -91,6 +91,7 @@ class EvaluationSummary(TypedDict):
     family: str
     dataset: str
     reference: bool
+    n_models: int
     n_structures: int
     n_atoms: int
     score: str

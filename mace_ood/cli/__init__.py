@@ -83,14 +83,18 @@ def validate(
         _fail(str(exc))
     for dataset, files in plan.files.items():
         typer.echo(f"dataset {dataset}: {len(files)} file(s)")
+    from mace_ood.plan import family_scores
+
     for family, models in plan.models.items():
         m = models[0]
         typer.echo(
-            f"family {family}: {len(models)} seeds, r_max={m['r_max']}, elements={list(m['atomic_numbers'])}, "
-            f"latent width={m['latent_width']}, heads={list(m['heads'])}"
+            f"family {family}: {len(models)} {'seeds' if len(models) > 1 else 'model'}, r_max={m['r_max']}, "
+            f"elements={list(m['atomic_numbers'])}, latent width={m['latent_width']}, heads={list(m['heads'])}"
             + (f" (forces and energies from head {cfg.model_families[family].head!r})"
                if cfg.model_families[family].head else "")
         )
+        names, missing = family_scores(cfg, len(models))
+        typer.echo(f"  scores: {', '.join(names)}" + (f" (not: {missing})" if missing else ""))
     for evaluation in plan.evaluations:
         ref = " (reference)" if evaluation.reference else ""
         typer.echo(f"evaluation {evaluation.family} -> {evaluation.dataset}{ref}")

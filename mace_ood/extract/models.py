@@ -158,12 +158,8 @@ def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:
 
 
 def check_family(family: str, infos: list[ModelInfo], head: str | None = None) -> None:
-    """All seeds of a family must agree on r_max, elements and latent width, be >= 2, and
-    have the chosen head."""
-    if len(infos) < 2:
-        raise ModelError(
-            f"family {family!r}: {len(infos)} model file(s); the across-seed variance needs at least 2 seeds"
-        )
+    """All seeds of a family must agree on r_max, elements and latent width and have the chosen
+    head (one model is a family too: it gets every score but the committee's)."""
     first = infos[0]
     for info in infos[1:]:
         for field in ("r_max", "atomic_numbers", "latent_width"):

@@ -138,6 +138,9 @@ def format_summary(result: ReportResult) -> str:
             + (f" of {row['combined_of'].replace(',', ', ')}" if row["combined_of"] else "")
             + f"); {row['strategy']} selection of {row['n_selected']}"
         )
+        if row.get("n_models") == 1:
+            lines.append("  note: 1 model: every score but the seed-variance and committee ones (they need 2 or more "
+                         "models)")
         if row["delivered_rate"] > row["alpha"] + 1e-12:
             lines.append(f"  note: the flag's false-flag rate is {row['delivered_rate']:.3f}, not {row['alpha']:g}: "
                          f"{row['n_calibration']} calibration structures are too few")

@@ -29,10 +29,25 @@ def order_columns(frame: pd.DataFrame, score: str) -> pd.DataFrame:
     return frame[ordered + [c for c in frame.columns if c not in ordered]]
 
 
-def read_rows(variable: xr.DataArray, atom_index: np.ndarray) -> np.ndarray:
-    """Rows ``atom_index`` of an (atom, ...) variable, read from disk for those only, in the given order."""
-    order = np.argsort(atom_index, kind="stable")  # netCDF reads want increasing indices
-    return np.asarray(variable.isel(atom=atom_index[order]).values, dtype=np.float64)[np.argsort(order)]
+def read_rows(variable: xr.DataArray, atom_index: np.ndarray, gap: int = 4096, max_span: int = 1 << 18) -> np.ndarray:
+    """Rows ``atom_index`` of an (atom, ...) variable, in the given order, read as contiguous slices.
+
+    The sorted rows are cut into runs wherever two are more than ``gap`` rows apart (and every
+    ``max_span`` rows), and each run is one slice read: a selected structure's atoms are one
+    run. netCDF4's point-wise fancy indexing took 20 s for 2,000 structures of 10^5 atoms."""
+    atom_index = np.asarray(atom_index, dtype=np.int64)
+    if atom_index.size == 0:
+        return np.zeros((0, *variable.shape[1:]))
+    order = np.argsort(atom_index, kind="stable")
+    rows = atom_index[order]
+    cuts = np.flatnonzero((np.diff(rows) > gap) | (np.diff((rows - rows[0]) // max_span) != 0)) + 1
+    pieces = []
+    for run in np.split(rows, cuts):
+        block = np.asarray(variable.isel(atom=slice(int(run[0]), int(run[-1]) + 1)).values, dtype=np.float64)
+        pieces.append(block[run - run[0]])
+    out = np.empty((len(rows), *variable.shape[1:]))
+    out[order] = np.concatenate(pieces)
+    return out
 
 
 def selected_atom_index(ds: xr.Dataset, rows: pd.DataFrame) -> np.ndarray:

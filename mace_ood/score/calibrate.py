@@ -21,6 +21,7 @@ from mace_ood.records import EvaluationPlan
 from mace_ood.score.compute import ALL_SCORES, COMBINED_SCORE
 from mace_ood.score.conformal import (
     Pool,
+    at_or_above_in_group,
     combined_from_log_pvalues,
     conformal_pvalue,
     delivered_rate,
@@ -96,12 +97,11 @@ def read_atom_calibration(
         own_ge, own_n = {}, {}
         if len(rows):
             maxima = np.maximum.reduceat(values, starts)
-            atom_group = np.repeat(groups, counts)
-            for group in dict.fromkeys(groups):
-                member = np.sort(values[atom_group == group])
-                for k in np.flatnonzero(groups == group):
-                    own_ge[ids[which][k]] = int(len(member) - np.searchsorted(member, maxima[k], side="left"))
-                    own_n[ids[which][k]] = len(member)
+            _, codes = np.unique(groups.astype(str), return_inverse=True)
+            at_or_above, size = at_or_above_in_group(values, np.repeat(codes, counts), maxima, codes)
+            calibration = ids[which]
+            own_ge = dict(zip(calibration, at_or_above.tolist(), strict=True))
+            own_n = dict(zip(calibration, size.tolist(), strict=True))
         out[name] = AtomCalibration(Pool.of(values), own_ge, own_n)
     return out
 

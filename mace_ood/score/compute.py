@@ -188,12 +188,14 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
     """Lazy per-atom (``atom_<score>``) and per-structure scores of one evaluation.
 
     ``latents`` comes from :func:`mace_ood.score.latents.open_latents` (it may carry ``forces``).
-    Without a reference, only the reference-free scores are computed.
+    Without a reference, only the reference-free scores are computed; with one seed (a family of
+    one model), the across-seed scores (``COMMITTEE_SCORES``) are absent.
     """
     offsets = latents["atom_offset"].values
     counts = latents["n_atoms"].values
+    committee = latents.sizes["seed"] >= 2  # one model: no across-seed scores (absent, not zero)
     out = xr.Dataset()
-    per_atom = {"latent_variance": atom_latent_variance(latents["latent"])}
+    per_atom = {"latent_variance": atom_latent_variance(latents["latent"])} if committee else {}
     if reference is not None:
         data = latents["latent"].transpose("seed", "atom", "feature").data.rechunk({0: -1, 2: -1})
         blocks = da.map_blocks(
@@ -201,7 +203,8 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
             chunks=((4,), data.chunks[1]), dtype=np.float64,
         )
         for i, name in enumerate(REFERENCE_SCORES):
-            per_atom[name] = xr.DataArray(blocks[i], dims=("atom",))
+            if committee or name != "aligned_latent_variance":
+                per_atom[name] = xr.DataArray(blocks[i], dims=("atom",))
         aligned_mean = da.map_blocks(
             _aligned_mean_block, data, reference, drop_axis=0, chunks=(data.chunks[1], data.chunks[2]),
             dtype=np.float64,
@@ -212,7 +215,7 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
             blockwise_structure_mean(aligned_mean, offsets, counts),
             blockwise_row_of_structure_max(per_atom["mahalanobis"].data, aligned_mean, counts),
         ], axis=1), dims=("structure", "descriptor_feature"))
-    if "forces" in latents:
+    if "forces" in latents and committee:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(
             da.map_blocks(force_deviation, forces, drop_axis=(0, 2), dtype=np.float64), dims=("atom",)
@@ -222,7 +225,7 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
         key = "force_deviation_mean" if name == "force_deviation" else name
         out[key] = structure_mean(values, offsets, counts)
         out[f"{name}_max"] = lazy_structure_max(values, offsets, counts)
-    if "forces" in latents:
+    if "forces" in latents and committee:
         energy = latents["energy"].values  # (seed, structure): small
         out["energy_std_per_atom"] = ("structure", energy.std(axis=0) / counts)
         node_energy = latents["node_energy"].transpose("seed", "atom").data.rechunk({0: -1})

@@ -59,18 +59,33 @@ def conformal_pvalue(values: np.ndarray, calibration: np.ndarray, own_at_or_abov
     return np.where(np.isnan(values), np.nan, p)
 
 
+def at_or_above_in_group(
+    member_values: np.ndarray, member_groups: np.ndarray, query_values: np.ndarray, query_groups: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: how many members of its group (integer codes) have a value >= its value, and the
+    group's size. One sort and three binary searches (a loop over groups was O(groups x members):
+    minutes at 300,000 training structures)."""
+    member_values, query_values = np.asarray(member_values, dtype=float), np.asarray(query_values, dtype=float)
+    member_groups, query_groups = np.asarray(member_groups, dtype=np.int64), np.asarray(query_groups, dtype=np.int64)
+    _, rank = np.unique(np.concatenate([member_values, query_values]), return_inverse=True)
+    levels = int(rank.max()) + 2 if rank.size else 2  # NaN ranks last: counted as at or above, as a sort put it
+    member_key = np.sort(member_groups * levels + rank[: len(member_values)])
+    query_key = query_groups * levels + rank[len(member_values) :]
+    group_end = np.searchsorted(member_key, (query_groups + 1) * levels, side="left")
+    group_start = np.searchsorted(member_key, query_groups * levels, side="left")
+    first_at_or_above = np.searchsorted(member_key, query_key, side="left")
+    return group_end - first_at_or_above, group_end - group_start
+
+
 def group_own_counts(values: np.ndarray, groups: np.ndarray, mine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For the rows ``mine`` (calibration structures), how many calibration values of their own group
     (``groups``, over the rows ``mine``) are >= their own value, and the group's size; 0 elsewhere."""
     values = np.asarray(values, dtype=float)
     at_or_above, count = np.zeros(len(values)), np.zeros(len(values))
     mine = np.asarray(mine, dtype=bool) & np.isfinite(values)
-    groups = np.asarray(groups, dtype=object)
-    for group in dict.fromkeys(groups[mine]):
-        rows = np.flatnonzero(mine & (groups == group))
-        member = np.sort(values[rows])
-        at_or_above[rows] = len(member) - np.searchsorted(member, values[rows], side="left")
-        count[rows] = len(member)
+    if mine.any():
+        _, codes = np.unique(np.asarray(groups, dtype=object)[mine].astype(str), return_inverse=True)
+        at_or_above[mine], count[mine] = at_or_above_in_group(values[mine], codes, values[mine], codes)
     return at_or_above, count
 
 

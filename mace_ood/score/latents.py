@@ -20,8 +20,8 @@ def open_latents(paths: list[str | Path], chunk_atoms: int | None = None) -> xr.
     ``latent`` is a dask array (seed, atom, feature) chunked along atoms only; the small
     per-structure variables are loaded (from the first seed) and checked equal across seeds.
     """
-    if len(paths) < 2:
-        raise ScoreError(f"the across-seed variance needs at least 2 seed files, got {len(paths)}")
+    if not paths:
+        raise ScoreError("no seed files to open")
     opened = [
         xr.open_dataset(path, engine="netcdf4", chunks={}, mask_and_scale=False, cache=False)
         for path in paths

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mace_ood.score.neighbours import knn
+
 
 @dataclass
 class DiversePicks:
@@ -37,29 +39,14 @@ def squared_norms(x: np.ndarray) -> np.ndarray:
 
 
 def nearest(
-    query: np.ndarray, reference: np.ndarray, block: int = 8192, reference_block: int = 65536,
+    query: np.ndarray, reference: np.ndarray, block: int = 16384, reference_block: int = 65536, device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Index of and Euclidean distance to the nearest reference row, per query row, blocked over
-    both: at most ``block`` x ``reference_block`` distances at a time (2 GiB in float32), whatever
-    the number of training structures (one 8192 x 300,000 block was about 10 GB)."""
+    """Index of and Euclidean distance to the nearest reference row, per query row
+    (:func:`mace_ood.score.neighbours.knn`: exact, blocked, faiss where installed)."""
     if len(reference) == 0:
         return np.full(len(query), -1), np.full(len(query), np.inf)
-    reference_sq = squared_norms(reference)
-    index = np.zeros(len(query), dtype=np.int64)
-    best_d2 = np.full(len(query), np.inf)
-    for start in range(0, len(query), block):
-        q = query[start : start + block]
-        q_sq = squared_norms(q)[:, None]
-        rows = slice(start, start + len(q))
-        for r_start in range(0, len(reference), reference_block):
-            r = reference[r_start : r_start + reference_block]
-            d2 = q_sq + reference_sq[None, r_start : r_start + len(r)] - 2.0 * (q @ r.T)
-            local = np.argmin(d2, axis=1)
-            value = d2[np.arange(len(q)), local]
-            better = value < best_d2[rows]  # ties keep the earlier (lower) index, as one argmin would
-            index[rows] = np.where(better, local + r_start, index[rows])
-            best_d2[rows] = np.where(better, value, best_d2[rows])
-    return index, np.sqrt(np.maximum(best_d2, 0.0))
+    index, distance = knn(query, reference, 1, device, query_block=block, reference_block=reference_block)
+    return index[:, 0], distance[:, 0]
 
 
 def score_weights(scores: np.ndarray, score_weight: float) -> np.ndarray:
@@ -73,7 +60,7 @@ def score_weights(scores: np.ndarray, score_weight: float) -> np.ndarray:
 
 
 def local_density(
-    candidates: np.ndarray, k: int = 5, sample_size: int = 2000, seed: int = 0, block: int = 8192
+    candidates: np.ndarray, k: int = 5, sample_size: int = 2000, seed: int = 0, device: str = "cpu",
 ) -> np.ndarray:
     """1 / (mean distance to the ``k`` nearest other candidates), neighbours taken from a seeded
     sample of ``sample_size`` candidates (all of them when there are fewer), relative to its median."""
@@ -81,17 +68,10 @@ def local_density(
     if n <= 1:
         return np.ones(n)
     sample = np.arange(n) if n <= sample_size else np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
-    reference = candidates[sample]
-    reference_sq = squared_norms(reference)
-    k = min(k, len(sample) - 1)
-    mean_distance = np.empty(n)
-    for start in range(0, n, block):
-        q = candidates[start : start + block]
-        d2 = squared_norms(q)[:, None] + reference_sq[None, :] - 2.0 * (q @ reference.T)
-        rows, cols = np.nonzero(sample[None, :] == np.arange(start, start + len(q))[:, None])
-        d2[rows, cols] = np.inf  # a candidate is not its own neighbour
-        nearest_k = np.partition(np.maximum(d2, 0.0), k - 1, axis=1)[:, :k]
-        mean_distance[start : start + len(q)] = np.sqrt(nearest_k).mean(axis=1)
+    position = np.searchsorted(sample, np.arange(n))
+    in_sample = (position < len(sample)) & (sample[np.minimum(position, len(sample) - 1)] == np.arange(n))
+    itself = np.where(in_sample, position, -1)  # a candidate is not its own neighbour
+    mean_distance = knn(candidates, candidates[sample], k, device, exclude=itself)[1].mean(axis=1)
     mean_distance = np.maximum(mean_distance, 1e-12 * max(float(np.median(mean_distance)), 1e-12))
     return np.median(mean_distance) / mean_distance
 

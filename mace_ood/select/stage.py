@@ -88,6 +88,7 @@ def evaluation_summary(
         "family": evaluation.family,
         "dataset": evaluation.dataset,
         "reference": evaluation.reference,
+        "n_models": len(evaluation.latent_paths),
         "n_structures": len(table),
         "n_atoms": int(table["n_atoms"].sum()),
         "score": score,

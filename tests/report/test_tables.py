@@ -6,6 +6,8 @@ import ase.io
 import numpy as np
 import openpyxl
 import pandas as pd
+import pytest
+import xarray as xr
 from ase import Atoms
 
 from mace_ood.files import atomic_path
@@ -79,3 +81,18 @@ def test_excel_layout(tmp_path):
     assert [c.value for c in sheet[1]] == ["rank", "latent_variance", "structure_id"]
     rules = list(sheet.conditional_formatting)
     assert rules and str(rules[0].sqref) == "B2:B3"
+
+
+@pytest.mark.parametrize(("gap", "max_span"), [(4096, 1 << 18), (3, 50), (0, 1)])
+def test_rows_read_in_slices_equal_numpy_indexing(tmp_path, gap, max_span):
+    """Selected atoms are read as contiguous slices (runs); any order, repeats and both ends."""
+    from mace_ood.report.tables import read_rows
+
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(2000, 4))
+    xr.Dataset({"latent": (("atom", "feature"), values)}).to_netcdf(tmp_path / "l.nc")
+    index = np.r_[rng.integers(0, 2000, 300), 0, 1999, 5, 5, np.arange(700, 760)[::-1]]
+    with xr.open_dataset(tmp_path / "l.nc") as ds:
+        np.testing.assert_array_equal(read_rows(ds["latent"], index, gap, max_span), values[index])
+        np.testing.assert_array_equal(read_rows(ds["latent"][:, 2], index, gap, max_span), values[index, 2])
+        assert read_rows(ds["latent"], np.zeros(0, dtype=int)).shape == (0, 4)

@@ -172,3 +172,15 @@ def test_percentiles_and_the_flag_use_the_calibration_rows_only():
     assert delivered["F"]["n_calibration"] == 5 and delivered["F"]["delivered_rate"] == pytest.approx(2 / 6)
     # leave-one-out on the calibration rows themselves: the largest has p = 1/5
     np.testing.assert_allclose(reference["mahalanobis_pvalue"][5:], [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5])
+
+
+def test_counts_within_groups_equal_a_loop():
+    """The vectorised own-group counts (one sort) equal a loop over groups, ties included."""
+    from mace_ood.score.conformal import at_or_above_in_group
+
+    rng = np.random.default_rng(12)
+    members, member_groups = rng.integers(0, 20, 500).astype(float), rng.integers(0, 30, 500)
+    queries, query_groups = rng.integers(0, 22, 200).astype(float), rng.integers(0, 32, 200)
+    ge, size = at_or_above_in_group(members, member_groups, queries, query_groups)
+    for i, (x, g) in enumerate(zip(queries, query_groups, strict=True)):
+        assert ge[i] == np.sum(members[member_groups == g] >= x) and size[i] == np.sum(member_groups == g)

@@ -73,5 +73,7 @@ def test_seed_files_must_agree(tmp_path):
     b, _, _ = synthetic_latent_files(tmp_path / "b", sizes=(3, 5))
     with pytest.raises(ScoreError, match="differ"):
         open_latents([a[0], b[1]])
-    with pytest.raises(ScoreError, match="at least 2"):
-        open_latents(a[:1])
+    with pytest.raises(ScoreError, match="no seed files"):
+        open_latents([])
+    with open_latents(a[:1]) as one:  # a family of one model
+        assert one.sizes["seed"] == 1

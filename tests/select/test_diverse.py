@@ -98,12 +98,12 @@ def test_density_sample_equals_full_density_when_large_enough():
 
     rng = np.random.default_rng(5)
     points = rng.normal(size=(300, 4)).astype(np.float32)
-    full = local_density(points, k=3, sample_size=1000, block=64)
+    full = local_density(points, k=3, sample_size=1000)
     distances = cdist(points, points)
     np.fill_diagonal(distances, np.inf)
     knn = np.sort(distances, axis=1)[:, :3].mean(axis=1)
     np.testing.assert_allclose(full, np.median(knn) / knn, rtol=1e-4)
-    sampled = local_density(points, k=3, sample_size=100, block=64)  # fewer neighbours: same ordering, roughly
+    sampled = local_density(points, k=3, sample_size=100)  # fewer neighbours: same ordering, roughly
     assert np.corrcoef(sampled, full)[0, 1] > 0.6
 
 
