@@ -35,9 +35,10 @@ from mace_ood.records import EvaluationPlan
 from mace_ood.report.tables import order_columns
 from mace_ood.score.calibrate import add_percentiles, training_atom_calibration
 from mace_ood.score.compute import compute_scores
+from mace_ood.score.errors import ErrorModel
 from mace_ood.score.reference import FamilyReference
 from mace_ood.score.tables import evaluation_table, rank_table, table_from_scores
-from mace_ood.select.table import read_selection
+from mace_ood.select.table import read_selection, read_selection_summary
 from mace_ood.structures import check_structure
 
 
@@ -160,8 +161,22 @@ class Run:
         }
         add_percentiles(tables, [own, new], self.config.select, {family: atom_calibration},
                         self.config.scores.split_block_frames)
-        table = order_columns(rank_table(tables[new.label], self.config.select.score), self.config.select.score)
-        return table, latents, scores
+        table = rank_table(tables[new.label], self.config.select.score)
+        error_model = self._error_model(family)
+        if error_model is not None:  # the run's predicted force error, fitted on the family's validation set
+            values = table[error_model.score].to_numpy(dtype=float)
+            table["predicted_force_rmse"] = error_model.predict(values)
+            table["force_rmse_upper"] = error_model.upper(values)
+            table["error_extrapolated"] = values > error_model.thresholds_x[-1]
+        return order_columns(table, self.config.select.score), latents, scores
+
+    def _error_model(self, family: str) -> ErrorModel | None:
+        own = EvaluationPlan(family, self.trained_on(family), True, ())
+        try:
+            model = read_selection_summary(self.path, own.label).get("error_model")
+        except FileNotFoundError:
+            return None
+        return ErrorModel.from_dict(model) if model else None
 
     def _calibration(self, family: str) -> tuple[FamilyReference, pd.DataFrame, dict]:
         """The family's reference, its training-set table and calibration atoms (read once)."""

@@ -46,6 +46,12 @@ class ModelFamily(_Strict):
         "models); default: the model's `Default` head, else its last. The latents do not depend on it. "
         "`mace-ood validate` lists the heads.",
     )
+    validation: str | None = Field(
+        None,
+        description="A labelled dataset (key of `datasets`) the models were not trained on, whose structures carry "
+        "reference forces (`forces_key`): mace-ood measures the true force RMSE there and maps the ranking score "
+        "to a predicted force RMSE and a conformal upper bound in eV/Angstrom for every scored structure.",
+    )
 
 
 class Evaluation(_Strict):
@@ -108,6 +114,16 @@ class SelectConfig(_Strict):
         None,
         description="diverse: candidates whose ranking score is above this are dropped as broken geometries "
         "(like DP-GEN's trust_hi); in the units of `score`.",
+    )
+    trust_max_force_rmse: float | None = Field(
+        None, gt=0,
+        description="diverse: candidates whose predicted force RMSE (eV/Angstrom) is above this are dropped, as "
+        "DP-GEN's trust_hi; needs a family `validation` dataset.",
+    )
+    error_level: float = Field(
+        0.9, gt=0, lt=1,
+        description="Coverage of `force_rmse_upper`: the share of new in-distribution structures whose true force "
+        "RMSE it bounds (split conformal on the validation dataset).",
     )
     combine: list[Literal[LatentScoreName, ForceScoreName]] = Field(
         default_factory=lambda: list(DEFAULT_COMBINED),
@@ -264,6 +280,10 @@ class RunConfig(ExtractionSettings):
         description="For `mace-ood evaluate`: dataset -> true (out of distribution) / false (in). "
         "Unlabelled datasets take the cross-evaluation's natural label (own training set: in; others: out).",
     )
+    forces_key: str = Field(
+        "REF_forces", description="atoms.arrays key of the reference forces of a `validation` dataset "
+        "(a calculator's forces are taken when the key is absent).",
+    )
     select: SelectConfig = Field(default_factory=SelectConfig)
     scores: ScoresConfig = Field(default_factory=ScoresConfig)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
@@ -315,6 +335,20 @@ class RunConfig(ExtractionSettings):
         for dataset in self.ood_labels:
             if dataset not in self.datasets:
                 raise ValueError(f"ood_labels: unknown dataset {dataset!r}")
+        for family_name, family in self.model_families.items():
+            if family.validation is None:
+                continue
+            where = f"model_families.{family_name}.validation"
+            if family.validation not in self.datasets:
+                raise ValueError(f"{where}: unknown dataset {family.validation!r}")
+            if family.validation == family.trained_on:
+                raise ValueError(f"{where}: {family.validation!r} is the training set; name a labelled dataset the "
+                                 "models were not trained on")
+            if not self.forces:
+                raise ValueError(f"{where}: a predicted force error needs the models' forces (`forces: true`)")
+        if self.select.trust_max_force_rmse is not None and not any(
+                f.validation for f in self.model_families.values()):
+            raise ValueError("select.trust_max_force_rmse: needs a family with a `validation` dataset")
         return self
 
     def extraction_settings(self) -> ExtractionSettings:

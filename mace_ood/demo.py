@@ -185,12 +185,14 @@ model_families:
   MACE_T1:
     trained_on: T1
     models: [{", ".join(f'"{p}"' for p in models["T1"])}]
+    validation: T1_test     # labelled, never trained on: the predicted force error in eV/A is fitted there
   MACE_T2:
     trained_on: T2
     models: [{", ".join(f'"{p}"' for p in models["T2"])}]
   MACE_T1_1model:         # one of MACE_T1's seeds alone: a family of one model, as a fine-tuned model is
     trained_on: T1
     models: ["{models["T1"][0]}"]
+    validation: T1_test
 evaluations:              # T2's MD contains 300 K bulk: T1 is not new to MACE_T2
   - {{family: MACE_T1, dataset: T2}}
   - {{family: MACE_T1, dataset: T1_test}}

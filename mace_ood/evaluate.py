@@ -20,19 +20,16 @@ split groups them): frames of one MD run are not independent observations.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import ase.io
 import numpy as np
 import pandas as pd
-import xarray as xr
 from scipy.stats import rankdata, spearmanr
 
 from mace_ood.files import pyplot, save_figure
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import ALL_SCORES
-from mace_ood.structures import InputError
+from mace_ood.score.errors import force_errors
 
 EVALUATION_COLUMNS = ["family", "dataset", "score", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -86,54 +83,6 @@ def bootstrap_interval(
     if values.size == 0:
         return float("nan"), float("nan")
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
-def reference_forces(atoms, key: str) -> np.ndarray | None:
-    if key in atoms.arrays:
-        return np.asarray(atoms.arrays[key])
-    if atoms.calc is not None and "forces" in getattr(atoms.calc, "results", {}):
-        return np.asarray(atoms.calc.results["forces"])
-    return None
-
-
-def force_errors(scores_file: Path, forces_key: str = "REF_forces") -> pd.Series | None:
-    """Per structure id, the force RMSE of the ensemble mean against the reference forces.
-
-    Streams: one structure's forces per seed and one frame at a time (each file read once), so
-    memory does not grow with the dataset."""
-    import netCDF4
-
-    with xr.open_dataset(scores_file) as ds:
-        seed_files = json.loads(ds.attrs["seed_files"])
-        ids = ds["structure_id"].values.astype(str)
-        sources = ds["source_file"].values.astype(str)
-        frames = ds["frame_index"].values
-        offsets, counts = ds["atom_offset"].values, ds["n_atoms"].values
-    seeds = [netCDF4.Dataset(path) for path in seed_files]
-    try:
-        if any("forces" not in seed.variables for seed in seeds):
-            return None
-        for seed in seeds:
-            seed.set_auto_mask(False)
-        errors = np.full(len(sources), np.nan)
-        for source in dict.fromkeys(sources):
-            rows = np.flatnonzero(sources == source)
-            row_of_frame = dict(zip(frames[rows].astype(int), rows, strict=True))
-            last, read = max(row_of_frame), -1
-            for read, atoms in enumerate(ase.io.iread(source, index=f":{last + 1}", do_not_split_by_at_sign=True)):
-                row = row_of_frame.get(read)
-                truth = reference_forces(atoms, forces_key) if row is not None else None
-                if truth is None:
-                    continue
-                start, stop = int(offsets[row]), int(offsets[row] + counts[row])
-                mean_forces = np.mean([seed.variables["forces"][start:stop] for seed in seeds], axis=0)
-                errors[row] = float(np.sqrt(np.mean((mean_forces - truth) ** 2)))
-            if read < last:
-                raise InputError(f"{source}: frame {last} not found (has the file changed since the run?)")
-    finally:
-        for seed in seeds:
-            seed.close()
-    return pd.Series(errors, index=ids, name="force_rmse") if np.isfinite(errors).any() else None
 
 
 def read_labels(path: str | Path) -> dict[str, bool]:
@@ -196,6 +145,7 @@ def evaluation_data(
     data["ood_label"] = [labels.get(sid, n) for sid, n in zip(data["structure_id"], natural, strict=True)]
     data["bootstrap_group"] = structure_groups(data, block_frames)
     data.attrs["alpha"] = select.alpha
+    data.attrs["error_level"] = select.error_level
     if labels:
         matched = set(labels) & set(data["structure_id"])
         ood = sum(labels[i] for i in matched)
@@ -267,7 +217,55 @@ def evaluate_run(
     if "labels_note" in data.attrs:
         table.attrs["labels_note"] = data.attrs["labels_note"]
     table.attrs["flag_note"] = in_distribution_flags(data)
+    table.attrs["error_note"] = error_coverage(data)
     return table
+
+
+def error_coverage(data: pd.DataFrame) -> str:
+    """How often ``force_rmse_upper`` bounded the true force RMSE, per (family, dataset), on the
+    structures the error map was not fitted on (the validation set's calibration half and every
+    other labelled structure)."""
+    if "force_rmse_upper" not in data.columns:
+        return ""
+    fitted = data["error_fit"].fillna(False).astype(bool) if "error_fit" in data.columns else False
+    usable = data[np.isfinite(data["force_rmse"].to_numpy(dtype=float))
+                  & np.isfinite(data["force_rmse_upper"].to_numpy(dtype=float)) & ~fitted]
+    lines = []
+    for (family, dataset), part in usable.groupby(["family", "dataset"], sort=False):
+        covered = int((part["force_rmse"] <= part["force_rmse_upper"]).sum())
+        lines.append(f"  {family} on {dataset}: {covered} of {len(part)} ({100 * covered / len(part):.1f} %); "
+                     f"median |predicted - true| {np.median(np.abs(part['predicted_force_rmse'] - part['force_rmse'])):.4f} eV/A")
+    if not lines:
+        return ""
+    level = data.attrs.get("error_level", 0.9)
+    return (f"force_rmse_upper ({level:.0%} conformal bound) covers the true force RMSE of structures it was not "
+            "fitted on (a dataset unlike the validation set may be covered less: the bound holds for data drawn "
+            "alike):\n" + "\n".join(lines))
+
+
+def plot_errors(data_or_run: pd.DataFrame | str | Path, path: str | Path, forces_key: str = "REF_forces") -> Path | None:
+    """Expected (predicted) against observed force RMSE per structure, with the upper bound."""
+    data = data_or_run if isinstance(data_or_run, pd.DataFrame) else evaluation_data(data_or_run, forces_key)
+    if "predicted_force_rmse" not in data.columns:
+        return None
+    data = data[np.isfinite(data["force_rmse"].to_numpy(dtype=float))
+                & np.isfinite(data["predicted_force_rmse"].to_numpy(dtype=float))]
+    if data.empty:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for (family, dataset), part in data.groupby(["family", "dataset"], sort=False):
+        ax.scatter(part["predicted_force_rmse"], part["force_rmse"], s=10, label=f"{family} on {dataset}")
+    top = float(np.nanmax(data[["force_rmse", "predicted_force_rmse"]].to_numpy()))
+    ax.plot([0, top], [0, top], color="k", linewidth=0.8, linestyle="--", label="observed = expected")
+    order = np.argsort(data["predicted_force_rmse"].to_numpy())
+    ax.step(data["predicted_force_rmse"].to_numpy()[order], data["force_rmse_upper"].to_numpy()[order], where="post",
+            color="tab:red", linewidth=0.8, label="upper bound")
+    ax.set_xlabel("expected force RMSE (eV/Å)")
+    ax.set_ylabel("observed force RMSE (eV/Å)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def in_distribution_flags(data: pd.DataFrame) -> str:

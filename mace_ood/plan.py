@@ -44,6 +44,18 @@ def resolve_models(family: str, entries: list[str | ModelFile]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def check_labelled(files: list[str], dataset: str, family: str, forces_key: str) -> None:
+    """A validation dataset's first structure must carry reference forces; refused in one line."""
+    import ase.io
+
+    from mace_ood.score.errors import reference_forces
+
+    first = ase.io.read(files[0], index=0, do_not_split_by_at_sign=True)
+    if reference_forces(first, forces_key) is None:
+        raise InputError(f"{files[0]}: family {family!r} validation dataset {dataset!r} has no reference forces "
+                         f"({forces_key!r} in atoms.arrays, or a calculator's forces); set `forces_key`")
+
+
 def check_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -102,12 +114,18 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
         own = config.model_families[family].trained_on
         if not any(f == family and d == own for f, d, _, _ in pairs):
             pairs.append((family, own, True, False))
+        validation = config.model_families[family].validation
+        if validation and not any(f == family and d == validation for f, d, _, _ in pairs):
+            pairs.append((family, validation, False, False))
     plan = RunPlan()
     counts = {}
     for dataset in dict.fromkeys(dataset for _, dataset, _, _ in pairs):
         plan.files[dataset] = resolve_files(config.datasets[dataset], dataset)
         counts[dataset] = count_structures(plan.files[dataset]) if count else 0
     for family in dict.fromkeys(family for family, _, _, _ in pairs):
+        validation = config.model_families[family].validation
+        if validation:
+            check_labelled(plan.files[validation], validation, family, config.forces_key)
         paths = resolve_models(family, config.model_families[family].models)
         infos = [describe_model(p, config.layers) for p in paths]
         check_family(family, infos, config.model_families[family].head)

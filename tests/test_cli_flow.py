@@ -47,7 +47,13 @@ def test_validate_prints_the_plan(project):
     [
         (lambda c: c.update(colour="red"), "unknown key 'colour'"),
         (lambda c: c["datasets"].update(T2=["data/nothing/*.xyz"]), "matches no file"),
-        (lambda c: c["model_families"]["MACE_T1"].update(models=["models/T1_seed0.model"]), "at least 2 seeds"),
+        (lambda c: (c["model_families"]["MACE_T1"].update(models=["models/T1_seed0.model"]),
+                    c["select"].update(score="force_deviation_mean")), "1 model; select.score 'force_deviation_mean'"),
+        (lambda c: c["model_families"]["MACE_T1"].update(validation="T2"), "validation dataset 'T2' has no reference forces"),
+        (lambda c: c["model_families"]["MACE_T1"].update(validation="T1"), "is the training set"),
+        (lambda c: c["model_families"]["MACE_T1"].update(validation="nope"), "unknown dataset 'nope'"),
+        (lambda c: (c["model_families"]["MACE_T1"].update(validation="T2"), c.update(forces=False)),
+         "needs the models' forces"),
         (lambda c: c["model_families"]["MACE_T1"].update(models=["config.yaml", "models/T1_seed1.model"]), "config.yaml"),
         (lambda c: c["model_families"]["MACE_T1"].update(
             models=[{"path": "models/T1_seed0.model", "sha256": "0" * 64}, "models/T1_seed1.model"]), "SHA-256 is"),

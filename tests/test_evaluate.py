@@ -49,7 +49,7 @@ def test_bootstrap_resamples_whole_groups_of_correlated_frames():
     assert by_row < 0.6 * grouped
 
 
-def forces_run(tmp_path, tiny_models):
+def forces_run(tmp_path, tiny_models, validation=None, select=None):
     """A run directory by hand: tiny models with forces on a training set D0 and a dataset D1
     whose structures carry made-up REF_forces (so the error order is known)."""
     import ase.io
@@ -79,7 +79,7 @@ def forces_run(tmp_path, tiny_models):
     reference = fit_family_reference(evaluations[0], tmp_path, scores)
     for evaluation in evaluations:
         score_evaluation(evaluation, tmp_path, 64, reference)
-    select_run(tmp_path, evaluations, scores=scores)
+    select_run(tmp_path, evaluations, select, scores=scores, validation=validation)
     return evaluations
 
 
@@ -162,3 +162,28 @@ def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
     assert f"{len(every) - n} are training structures the reference was fitted on" in labelled.attrs["labels_note"]
     with pytest.raises(ValueError, match=r"1 structure id\(s\) are in no evaluation .* 's99'"):
         evaluation_data(tmp_path, labels={"s0": True, "s99": True})
+
+
+def test_predicted_force_error_is_fitted_on_the_validation_set_and_its_coverage_reported(tmp_path, tiny_models):
+    """D1 (reference forces, never trained on) as the family's validation set: every structure gets
+    the isotonic prediction and its conformal bound, and evaluate counts the bound's coverage on the
+    structures the map was not fitted on."""
+    from mace_ood.config import SelectConfig
+    from mace_ood.evaluate import evaluate_run, evaluation_data
+    from mace_ood.select.table import read_selection, read_selection_summary
+
+    forces_run(tmp_path, tiny_models, validation={"F": "D1"}, select=SelectConfig(error_level=0.5))
+    d1, d0 = read_selection(tmp_path, "F__D1"), read_selection(tmp_path, "F__D0")
+    model = read_selection_summary(tmp_path, "F__D0")["error_model"]
+    assert model["n_fit"] == int(d1["error_fit"].sum()) and model["n_calibration"] == 8 - model["n_fit"]
+    for table in (d0, d1):
+        ordered = table.sort_values("combined")
+        assert ordered["predicted_force_rmse"].is_monotonic_increasing  # isotonic in the ranking score
+        np.testing.assert_allclose(table["force_rmse_upper"] - table["predicted_force_rmse"], model["margin"])
+    data = evaluation_data(tmp_path)
+    usable = data[~data["error_fit"].fillna(False).astype(bool) & data["force_rmse"].notna()]
+    covered = usable["force_rmse"] <= usable["force_rmse_upper"]
+    note = evaluate_run(tmp_path, n_resamples=10).attrs["error_note"]
+    for dataset, part in covered.groupby(usable["dataset"]):
+        assert f"F on {dataset}: {int(part.sum())} of {len(part)}" in note
+    assert "F on D1: " in note and f"of {8 - model['n_fit']} " in note

@@ -55,7 +55,7 @@ def _spin() -> None:
 
 REPEATS = 3
 # Keys of the tasks prefect-dask submits: the task function's name, then a token.
-FLOW_TASK_KEYS = ("extract_latents-", "fit_reference_task-", "score_latents-")
+FLOW_TASK_KEYS = ("extract_latents-", "fit_reference_task-", "score_latents-", "select_task-")
 
 
 @pytest.mark.slow
@@ -87,7 +87,7 @@ def test_busy_flow_runs_every_netcdf_read_inside_its_own_task(prefect_server, tm
                     result = ood_detection(config)
                 assert len(result["scoring"]) == 9
                 names = [str(task["key"]) for task in stream.data]
-                assert sum(name.startswith(FLOW_TASK_KEYS) for name in names) >= 18 + 3 + 9
+                assert sum(name.startswith(FLOW_TASK_KEYS) for name in names) >= 18 + 3 + 9 + 9
                 shipped += [name for name in names if not name.startswith(FLOW_TASK_KEYS)]
                 tables.append(pd.read_csv(result["paths"]["scores_csv"]))
     finally:

@@ -173,7 +173,7 @@ def evaluate(
     labels: Labels = None,
 ) -> None:
     """How well each score finds OOD structures: ROC-AUC and rank correlation with the force error."""
-    from mace_ood.evaluate import evaluate_run, plot_evaluation, read_labels
+    from mace_ood.evaluate import evaluate_run, plot_errors, plot_evaluation, read_labels
     from mace_ood.files import write_csv
 
     try:
@@ -188,7 +188,11 @@ def evaluate(
     typer.echo(format_evaluation(table))
     if table.attrs.get("flag_note"):
         typer.echo("\n" + table.attrs["flag_note"])
-    typer.echo(f"\n{csv}" + (f"\n{png}" if png else ""))
+    errors_png = None
+    if table.attrs.get("error_note"):
+        typer.echo("\n" + table.attrs["error_note"])
+        errors_png = plot_errors(run_dir, Path(run_dir) / "evaluation_errors.png", forces_key)
+    typer.echo(f"\n{csv}" + (f"\n{png}" if png else "") + (f"\n{errors_png}" if errors_png else ""))
 
 
 def format_evaluation(table) -> str:

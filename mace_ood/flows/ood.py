@@ -30,6 +30,7 @@ from mace_ood.records import (
     SelectionResult,
 )
 from mace_ood.runtime import configure_process, quiet_resource_tracker, stop_on_signals
+from mace_ood.select.stage import validation_of
 from mace_ood.tasks.console import hide_console_tracebacks
 from mace_ood.tasks.extract import extract_latents
 from mace_ood.tasks.report import write_report
@@ -139,8 +140,10 @@ def extract_and_score(
             [e.label for e in evaluations], "scoring(s)",
         )
         own_of = {e.family: e for e in own}
+        labelled = validation_of(evaluations, {f: m.validation for f, m in config.model_families.items()})
         selections = _gather(
-            [select_task.submit(e, own_of[e.family], output_dir, config.select, scores) for e in evaluations],
+            [select_task.submit(e, own_of[e.family], output_dir, config.select, scores, labelled.get(e.family),
+                                config.forces_key) for e in evaluations],
             [e.label for e in evaluations], "selection(s)",
         )
     return extractions, scored, selections

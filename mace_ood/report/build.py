@@ -85,7 +85,7 @@ def build_report(
             skipped_frame.astype({"seed": str}).groupby(keys, sort=False, dropna=False)["seed"]
             .agg(",".join).rename("seeds").reset_index()
         )
-    summary = pd.DataFrame([summaries[e.label] for e in shown])
+    summary = pd.DataFrame([{k: v for k, v in summaries[e.label].items() if k != "error_model"} for e in shown])
     paths = {
         "run_config": str(write_text(config.model_dump_json(indent=2), output_dir / "run_config.json")),
         "scores_csv": str(write_csv(all_scores, output_dir / "scores.csv")),
@@ -119,7 +119,8 @@ def build_report(
         "summary": summary.to_dict(orient="records"),
         "top": {
             label: frame.head(5)[["selected", "rank", score, f"{score}_pvalue", "ood", "structure_id", "formula",
-                                  "n_atoms", "group_size", "nearest_training_id"]]
+                                  "n_atoms", "group_size", "nearest_training_id",
+                                  *[c for c in ("predicted_force_rmse", "force_rmse_upper") if c in frame.columns]]]
             .rename(columns={score: "score", f"{score}_pvalue": "pvalue"}).to_dict(orient="records")
             for label, frame in selected.items()
         },
@@ -146,11 +147,16 @@ def format_summary(result: ReportResult) -> str:
                          f"{row['n_calibration']} calibration structures are too few")
         if row.get("selection_note"):
             lines.append(f"  note: {row['selection_note']}")
-        lines.append(f"  {'pick':>4}  {'rank':>4}  {row['score']:>15}  {'p':>7}  {'n_atoms':>7}  structure")
+        if isinstance(row.get("error_note"), str) and row["error_note"]:
+            lines.append(f"  {row['error_note']}")
+        errors = any("predicted_force_rmse" in top for top in result["top"][row["evaluation"]])
+        lines.append(f"  {'pick':>4}  {'rank':>4}  {row['score']:>15}  {'p':>7}  {'n_atoms':>7}  "
+                     + ("F-RMSE eV/A (bound)  " if errors else "") + "structure")
         for top in result["top"][row["evaluation"]]:
+            error = (f"{top['predicted_force_rmse']:>7.3f} ({top['force_rmse_upper']:>7.3f})     " if errors else "")
             lines.append(
                 f"  {top['selected']:>4}  {top['rank']:>4}  {top['score']:>15.4e}  {top['pvalue']:>7.3f}  "
-                f"{top['n_atoms']:>7}  {top['structure_id']} ({top['formula']})"
+                f"{top['n_atoms']:>7}  {error}{top['structure_id']} ({top['formula']})"
             )
         lines.append(f"  files: {row['top_dir']}")
     lines.append("")

@@ -27,6 +27,9 @@ def pick_tags(row: dict, score: str) -> dict:
     for name in ("selected", "group_size"):
         if name in row and pd.notna(row[name]):
             tags[name] = int(row[name])
+    for name in ("predicted_force_rmse", "force_rmse_upper"):
+        if name in row and pd.notna(row[name]):
+            tags[name] = float(row[name])
     if row.get("nearest_training_id"):
         tags["nearest_training_id"] = str(row["nearest_training_id"])
         tags["nearest_training_distance"] = float(row["nearest_training_distance"])

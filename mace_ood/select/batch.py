@@ -41,6 +41,8 @@ def select_structures(
     trusted = np.ones(len(table), dtype=bool)
     if select.trust_max is not None:
         trusted = ~(table[score].to_numpy() > select.trust_max)
+    if select.trust_max_force_rmse is not None and "predicted_force_rmse" in table.columns:
+        trusted &= ~(table["predicted_force_rmse"].to_numpy() > select.trust_max_force_rmse)
     candidates = np.flatnonzero(table["ood"].to_numpy() & trusted)
     strategy = "top" if select.strategy == "top" or reference or descriptors is None else "diverse"
     note = ""

@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mace_ood.config import ScoresConfig, SelectConfig
@@ -18,13 +19,15 @@ from mace_ood.extract.devices import worker_label
 from mace_ood.paths import scores_path, top_dir
 from mace_ood.records import EvaluationPlan, EvaluationSummary, SelectionResult
 from mace_ood.runtime import hdf5_in_this_thread
-from mace_ood.score.calibrate import alpha_note, calibrate_run
+from mace_ood.score.calibrate import alpha_note, calibrate_run, structure_groups
 from mace_ood.score.compute import COMBINED_SCORE
 from mace_ood.score.conformal import conformal_threshold
+from mace_ood.score.errors import ErrorModel, fit_error_model, force_errors, split_halves
 from mace_ood.score.reference import calibration_mask
 from mace_ood.score.tables import evaluation_table, rank_table, read_descriptors
 from mace_ood.select.batch import select_structures
 from mace_ood.select.table import PICK_COLUMNS, write_selection
+from mace_ood.structures import InputError
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +39,22 @@ def select_evaluation(
     output_dir: str | Path,
     select: SelectConfig,
     scores: ScoresConfig | None = None,
+    validation: EvaluationPlan | None = None,
+    forces_key: str = "REF_forces",
 ) -> SelectionResult:
-    """Calibrate, rank, flag and (for an evaluation that is shown) pick; write the decisions.
+    """Calibrate, rank, flag, predict the force error and (for an evaluation that is shown) pick;
+    write the decisions.
 
     ``own``: the family's evaluation on its own training set (the calibration split lives there).
-    Reads the two scores files under ``output_dir``; writes ``selection/<label>.csv`` and ``.json``.
+    ``validation``: the family's evaluation on its labelled validation dataset (reference forces
+    under ``forces_key``): the ranking score is mapped to ``predicted_force_rmse`` and
+    ``force_rmse_upper`` there (:mod:`mace_ood.score.errors`). Reads the scores files under
+    ``output_dir``; writes ``selection/<label>.csv`` and ``.json``.
     """
     started = time.perf_counter()
     scores = scores or ScoresConfig()
     output_dir = Path(output_dir)
-    evaluations = [own] if evaluation.label == own.label else [own, evaluation]
+    evaluations = list({e.label: e for e in (own, validation, evaluation) if e is not None}.values())
     files = {e.label: scores_path(output_dir, e.label) for e in evaluations}
     tables = {e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, metadata=False)
               for e in evaluations}
@@ -54,9 +63,25 @@ def select_evaluation(
     if score not in tables[evaluation.label].columns:
         raise ValueError(f"select.score {score!r} was not computed in this run")
     _log_ranking(evaluation, select, delivered)
+    error_model = None
+    if validation is not None:
+        error_model, fitted_ids = fit_validation_errors(
+            tables[validation.label], files[validation.label], score, select.error_level, forces_key,
+            scores.split_block_frames, validation.dataset,
+        )
+        table = tables[evaluation.label]
+        table["predicted_force_rmse"] = error_model.predict(table[score].to_numpy())
+        table["force_rmse_upper"] = error_model.upper(table[score].to_numpy())
+        # beyond the validation set's scores the isotonic map is flat: the prediction is a floor
+        table["error_extrapolated"] = table[score].to_numpy(dtype=float) > error_model.thresholds_x[-1]
+        if evaluation.label == validation.label:
+            table["error_fit"] = table["structure_id"].isin(fitted_ids).to_numpy()
     table = rank_table(tables[evaluation.label], score)
     training = tables[own.label]
     summary = evaluation_summary(table, evaluation, select, delivered, training, output_dir)
+    if error_model is not None:
+        summary.update(error_model=error_model.as_dict(), validation=validation.dataset,
+                       error_note=error_note(error_model, validation.dataset))
     if evaluation.shown:
         selection = select_structures(
             table, select, read_descriptors(files[evaluation.label], table["structure_id"]),
@@ -111,6 +136,31 @@ def evaluation_summary(
     }
 
 
+def fit_validation_errors(
+    table: pd.DataFrame, scores_file: Path, score: str, level: float, forces_key: str, block_frames: int,
+    dataset: str,
+) -> tuple[ErrorModel, set[str]]:
+    """The family's error model from its validation dataset (its true force RMSE against the ranking
+    score), and the ids of the structures the map was fitted on."""
+    errors = force_errors(scores_file, forces_key)
+    if errors is None:
+        raise InputError(f"validation dataset {dataset!r}: no structure has reference forces ({forces_key!r} in "
+                         "atoms.arrays or a calculator's forces) and model forces (`forces: true`)")
+    truth = table["structure_id"].map(errors).to_numpy(dtype=float)
+    fit = split_halves(structure_groups(table, block_frames))
+    model = fit_error_model(table[score].to_numpy(), truth, fit, score, level)
+    return model, set(table["structure_id"].to_numpy()[fit & np.isfinite(truth)])
+
+
+def error_note(model: ErrorModel, dataset: str) -> str:
+    """What the predicted force error is, in words."""
+    bound = (f"force_rmse_upper = predicted + {model.margin:.4f} eV/A covers {model.level:.0%} of structures drawn "
+             f"like {dataset}" if np.isfinite(model.margin) else
+             f"no upper bound at {model.level:.0%}: {model.n_calibration} calibration structures are too few")
+    return (f"predicted_force_rmse from {model.score}: isotonic fit on {model.n_fit} {dataset} structures; "
+            f"{bound} (conformal on {model.n_calibration})")
+
+
 def _log_ranking(evaluation: EvaluationPlan, select: SelectConfig, delivered: dict) -> None:
     score, components = select.score, delivered["components"]
     log.info("%s: ranking by %s%s", evaluation.label, score,
@@ -123,13 +173,21 @@ def _log_ranking(evaluation: EvaluationPlan, select: SelectConfig, delivered: di
         evaluation.family, delivered))
 
 
+def validation_of(evaluations: list[EvaluationPlan], validation: dict[str, str | None]) -> dict[str, EvaluationPlan]:
+    """Per family with a validation dataset (``validation``: family -> dataset), its evaluation there."""
+    return {e.family: e for e in evaluations if validation.get(e.family) == e.dataset and not e.reference}
+
+
 def select_run(
     output_dir: str | Path, evaluations: list[EvaluationPlan], select: SelectConfig | None = None,
-    scores: ScoresConfig | None = None,
+    scores: ScoresConfig | None = None, validation: dict[str, str | None] | None = None,
+    forces_key: str = "REF_forces",
 ) -> list[SelectionResult]:
     """:func:`select_evaluation` for every evaluation of a run, in this process (what the flow maps
-    over its workers)."""
+    over its workers). ``validation``: family -> its labelled validation dataset."""
     select = select or SelectConfig()
     own_of = {e.family: e for e in evaluations if e.reference}
-    return [select_evaluation(e, own_of[e.family], output_dir, select, scores) for e in evaluations]
+    labelled = validation_of(evaluations, validation or {})
+    return [select_evaluation(e, own_of[e.family], output_dir, select, scores, labelled.get(e.family), forces_key)
+            for e in evaluations]
 

@@ -15,9 +15,11 @@ from mace_ood.tasks.console import hide_console_tracebacks
 @task(name="select", task_run_name="select {evaluation.family} on {evaluation.dataset}", cache_policy=NO_CACHE)
 def select_task(
     evaluation: EvaluationPlan, own: EvaluationPlan, output_dir: str, select: SelectConfig, scores: ScoresConfig,
+    validation: EvaluationPlan | None = None, forces_key: str = "REF_forces",
 ) -> SelectionResult:
-    """p-values and ``ood`` against the family's calibration split, rank, and the picks of one
-    evaluation, written to ``selection/<label>.csv`` and ``.json`` under ``output_dir``."""
+    """p-values and ``ood`` against the family's calibration split, rank, the predicted force error
+    (with a ``validation`` evaluation) and the picks of one evaluation, written to
+    ``selection/<label>.csv`` and ``.json`` under ``output_dir``."""
     configure_process()
     hide_console_tracebacks()
-    return select_evaluation(evaluation, own, output_dir, select, scores)
+    return select_evaluation(evaluation, own, output_dir, select, scores, validation, forces_key)
