@@ -148,5 +148,7 @@ def fit_error_model(
     iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(scores[fit], errors[fit])
     model = ErrorModel(score, np.asarray(iso.X_thresholds_, dtype=float), np.asarray(iso.y_thresholds_, dtype=float),
                        0.0, level, int(fit.sum()), int(held.sum()))
-    model.margin = conformal_margin(errors[held] - model.predict(scores[held]), level)
+    # a negative margin (the map over-predicts the calibration half) would put the bound under the
+    # prediction; clipping at 0 only widens the bound, so coverage still holds
+    model.margin = max(0.0, conformal_margin(errors[held] - model.predict(scores[held]), level))
     return model
