@@ -74,8 +74,8 @@ def hdf5_in_this_thread():
 
 
 def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
-    """Terminate every descendant of this process, kill what is left after ``grace_s`` and reap
-    them (no orphan, no zombie); returns how many there were. Scanned again until none is left,
+    """Kill every descendant of this process and reap them (waiting up to ``grace_s``; no orphan,
+    no zombie); returns how many there were. Scanned again until none is left,
     since a Dask nanny may start a new worker for one that just died."""
     import psutil
 
@@ -89,14 +89,13 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
         if not children:
             break
         stopped += len(children)
+        # SIGKILL at once: terminated gently, dying workers ran multiprocessing's finalizers and a
+        # nanny spawned a replacement whose semaphores were gone, each printing a traceback after
+        # the one-line message; what is durable is on disk already (partial files and progress)
         for child in children:
             with suppress(psutil.NoSuchProcess):
-                child.terminate()
-        _, alive = psutil.wait_procs(children, timeout=grace_s)
-        for child in alive:
-            with suppress(psutil.NoSuchProcess):
                 child.kill()
-        psutil.wait_procs(alive, timeout=grace_s)
+        psutil.wait_procs(children, timeout=grace_s)
     if tracker is not None:
         stopped += _stop_resource_tracker(tracker, grace_s)
     return stopped
