@@ -43,27 +43,32 @@ def cli_environment(work) -> dict[str, str]:
     return env
 
 
-RESPAWN_FAILURE = "FileNotFoundError: [Errno 2] No such file or directory"
-
-
 def without_respawn_noise(text: str) -> str:
-    """``text`` without the traceback of a worker process that a Dask nanny was spawning in the
-    instant a terminal's Ctrl-C reached the whole group (it fails to unpickle a semaphore the dying
-    parent already unlinked: seen in 1 of 3 fresh-clone CI runs of the group case). Any other
-    traceback, or text after that one, is kept."""
+    """``text`` without the tracebacks raised inside CPython's multiprocessing itself (every frame
+    in ``multiprocessing/``): a worker a Dask nanny was spawning as the signal arrived failing to
+    unpickle a semaphore the dying parent had unlinked (spawn_main, SemLock._rebuild), or a
+    finalizer of a dead process unlinking one twice. Seen in 3 of 7 runs of these two cases this
+    round; a user can do nothing about them. Any traceback with a frame elsewhere (mace-ood,
+    Prefect, Dask) is kept."""
     head, *blocks = text.split("Traceback (most recent call last):")
-    kept = [f"Traceback (most recent call last):{b}" for b in blocks
-            if not ("spawn_main" in b and "SemLock._rebuild" in b and b.rstrip().endswith(RESPAWN_FAILURE))]
+    kept = []
+    for block in blocks:
+        frames = [line for line in block.splitlines() if line.strip().startswith("File ")]
+        if not frames or not all("/multiprocessing/" in line or '"<string>"' in line for line in frames):
+            kept.append(f"Traceback (most recent call last):{block}")
     return head + "".join(kept)
 
 
 def test_respawn_noise_filter_keeps_every_other_traceback():
-    respawn = ("Traceback (most recent call last):\n  File \"x/spawn.py\", in spawn_main\n"
-               "    self._semlock = _multiprocessing.SemLock._rebuild(*state)\n" + RESPAWN_FAILURE + "\n")
-    other = "Traceback (most recent call last):\n  File \"flow.py\"\nKeyError: 'x'\n"
-    assert "Traceback" not in without_respawn_noise("\n" + respawn)
+    respawn = ('Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
+               '  File "/py/lib/multiprocessing/spawn.py", line 122, in spawn_main\n'
+               "FileNotFoundError: [Errno 2] No such file or directory\n")
+    finalizer = ('Exception ignored in: <Finalize object, dead>\nTraceback (most recent call last):\n'
+                 '  File "/py/lib/multiprocessing/util.py", line 224, in __call__\nFileNotFoundError: x\n')
+    other = 'Traceback (most recent call last):\n  File "/site-packages/mace_ood/flows/ood.py"\nKeyError: \'x\'\n'
+    assert "Traceback" not in without_respawn_noise("\n" + respawn + finalizer)
     assert "KeyError" in without_respawn_noise("\n" + respawn + other)
-    assert "KeyError" in without_respawn_noise("\n" + other + respawn)
+    assert "KeyError" in without_respawn_noise("\n" + other + finalizer)
 
 
 def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
