@@ -229,6 +229,10 @@ class Run:
             out["node_energy"] = (("seed", "atom"), da.from_array(np.stack(
                 [np.concatenate([o["node_energy"] for o in outputs]) for outputs in per_seed])))
             out["energy"] = (("seed", "structure"), np.array([[o["energy"] for o in outputs] for outputs in per_seed]))
+        if all("layer_energy" in o for outputs in per_seed for o in outputs):
+            out["layer_energy"] = (("seed", "atom", "layer"), da.from_array(np.stack(
+                [np.concatenate([o["layer_energy"] for o in outputs]) for outputs in per_seed]),
+                chunks=(-1, max(1, int(self.config.chunk_atoms)), -1)))
         structure_fields = {
             "structure_id": np.array(ids, dtype=object),
             "source_file": np.array([str(a.info.get("source_file", "")) for a in structures], dtype=object),

@@ -63,10 +63,12 @@ class Evaluation(_Strict):
 
 # Every score, named once: mace_ood.score takes its lists from these.
 # Per-atom latent scores; per structure, <name> is the mean over atoms and <name>_max the max.
-AtomLatentScoreName = Literal["latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll"]
+AtomLatentScoreName = Literal[
+    "latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll", "llpr",
+]
 LatentScoreName = Literal[
     AtomLatentScoreName, "latent_variance_max", "aligned_latent_variance_max", "mahalanobis_max",
-    "knn_distance_max", "gmm_nll_max",
+    "knn_distance_max", "gmm_nll_max", "llpr_max", "llpr_energy_std",
 ]
 ForceScoreName = Literal["force_deviation_max", "force_deviation_mean", "energy_std_per_atom"]
 CombinedScoreName = Literal["combined"]
@@ -279,6 +281,11 @@ class RunConfig(ExtractionSettings):
         default_factory=dict,
         description="For `mace-ood evaluate`: dataset -> true (out of distribution) / false (in). "
         "Unlabelled datasets take the cross-evaluation's natural label (own training set: in; others: out).",
+    )
+    energy_key: str = Field(
+        "REF_energy", description="atoms.info key of the reference energy (eV) that calibrates LLPR's alpha on "
+        "the `validation` dataset, else on the held-out training structures (a calculator's energy is taken "
+        "when the key is absent).",
     )
     forces_key: str = Field(
         "REF_forces", description="atoms.arrays key of the reference forces of a `validation` dataset "

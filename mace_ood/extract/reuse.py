@@ -45,6 +45,7 @@ class PreviousLatents:
             for i, (h, o, n) in enumerate(zip(hashes, self._ds["atom_offset"][:], self._ds["n_atoms"][:], strict=True))
         }
         self.with_forces = "forces" in self._ds.variables
+        self.with_layer_energy = "layer_energy" in self._ds.variables
 
     def has(self, key: str) -> bool:
         return key in self._index
@@ -59,6 +60,8 @@ class PreviousLatents:
             item["forces"] = self._ds["forces"][offset : offset + n]
             item["node_energy"] = self._ds["node_energy"][offset : offset + n]
             item["energy"] = float(self._ds["energy"][row])
+        if self.with_layer_energy:
+            item["layer_energy"] = self._ds["layer_energy"][offset : offset + n]
         return item
 
     def close(self) -> None:

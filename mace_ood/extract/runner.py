@@ -95,6 +95,12 @@ class LatentExtractor:
         self.max_atoms_per_forward = max_atoms_per_forward
         self.compute_forces = compute_forces
         self.forward_passes = 0
+        from mace_ood.extract.readout import head_index, llpr_unsupported
+
+        # LLPR (mace_ood.score.llpr) needs the earlier readouts' per-atom outputs for the head
+        self.llpr_unsupported = llpr_unsupported(self.model)
+        self.n_layer_energies = len(self.model.readouts) - 1 if self.llpr_unsupported is None else 0
+        self._head_index = head_index(self.model, self.head)
 
     def graph(self, atoms: Atoms):
         """mace's AtomicData for one structure, in the model's dtype."""
@@ -134,6 +140,13 @@ class LatentExtractor:
                 out = self.model(batch.to_dict(), compute_force=False)
                 arrays = {"latent": out["node_feats"].index_select(1, self.columns)}
             energies = None
+        if self.n_layer_energies:
+            from mace_ood.extract.readout import earlier_readout_energies
+
+            with torch.inference_mode():
+                arrays["layer_energy"] = earlier_readout_energies(
+                    self.model, out["node_feats"].detach(), self._head_index
+                )
         arrays = {name: value.cpu().numpy() for name, value in arrays.items()}
         self.forward_passes += 1
         bounds = batch.ptr.cpu().numpy()
@@ -152,7 +165,8 @@ class LatentExtractor:
         structures: list[Atoms] | None = None,
         batch=None,
     ) -> list[dict[str, np.ndarray]]:
-        """Per graph: ``latent`` (and ``forces``, ``node_energy``, ``energy`` with compute_forces).
+        """Per graph: ``latent``, ``layer_energy`` (LLPR's earlier readout outputs, when the model
+        supports LLPR and has several layers) and ``forces``, ``node_energy``, ``energy`` with compute_forces.
 
         On out-of-memory the batch is split in halves, down to one graph; a single graph
         that still does not fit is computed by spatial domains (when its ``structures``

@@ -12,6 +12,8 @@ Layout::
     info_json(structure)       str, the scalar entries of atoms.info as JSON
     structure_hash(structure)  str, content hash of species, positions, cell, pbc
     forces(atom, xyz), node_energy(atom), energy(structure)    only when forces are asked for
+    layer_energy(atom, layer)  per-atom output of each earlier layer's linear readout for the
+                               file's head (LLPR, mace_ood.score.llpr); L-1 columns, when L > 1
 
 The file is written under ``<name>.partial`` and renamed when closed complete, so a
 file with the final name is always whole. netCDF4/HDF5 is not thread-safe: write from
@@ -74,6 +76,7 @@ class LatentWriter:
         with_forces: bool = False,
         on_durable: Callable[[int, int, Any], None] | None = None,
         resume_from: tuple[int, int] | None = None,
+        n_layer_energies: int = 0,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -82,6 +85,7 @@ class LatentWriter:
         self.n_features = int(n_features)
         self.dtype = np.dtype(dtype)
         self.with_forces = with_forces
+        self.n_layer_energies = int(n_layer_energies)
         self.on_durable = on_durable
         self._buffer: dict[str, list[np.ndarray]] = {}
         self._buffered = 0
@@ -111,6 +115,14 @@ class LatentWriter:
             ds.createVariable("energy", "f8", ("structure",), chunksizes=(STRUCTURE_CHUNK,))
             ds["energy"].units = "eV"
             self._atom_vars.update({"forces": (3,), "node_energy": ()})
+        if self.n_layer_energies:
+            ds.createDimension("layer", self.n_layer_energies)
+            ds.createVariable(
+                "layer_energy", self.dtype, ("atom", "layer"),
+                chunksizes=(self.chunk_atoms, self.n_layer_energies), **compress,
+            )
+            ds["layer_energy"].long_name = "per-atom output of each earlier layer's linear readout (head of the file)"
+            self._atom_vars["layer_energy"] = (self.n_layer_energies,)
         for name, kind in (("atom_offset", "i8"), ("n_atoms", "i4"), ("frame_index", "i4")):
             ds.createVariable(name, kind, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
         for name in STRING_FIELDS:
@@ -130,7 +142,11 @@ class LatentWriter:
         self._atom_vars = {"latent": (self.n_features,)}
         if "forces" in ds.variables:
             self._atom_vars.update({"forces": (3,), "node_energy": ()})
-        if ds["latent"].shape[1] != self.n_features or ("forces" in ds.variables) != self.with_forces:
+        stored_layers = ds["layer_energy"].shape[1] if "layer_energy" in ds.variables else 0
+        if stored_layers:
+            self._atom_vars["layer_energy"] = (stored_layers,)
+        if (ds["latent"].shape[1] != self.n_features or ("forces" in ds.variables) != self.with_forces
+                or stored_layers != self.n_layer_energies):
             ds.close()
             raise ValueError(f"{self.tmp_path}: does not match the settings of this extraction")
         self._ds = ds
@@ -160,16 +176,20 @@ class LatentWriter:
         node_energy: np.ndarray | None = None,
         energy: float | None = None,
         tag: Any = None,
+        layer_energy: np.ndarray | None = None,
     ) -> None:
         """Add one structure's latents, shape (n_atoms, n_features), and its description.
 
         With ``with_forces``, its predicted forces (n_atoms, 3), per-atom energies and energy too.
+        With ``n_layer_energies``, its ``layer_energy`` (n_atoms, n_layer_energies).
         ``tag`` is handed back to ``on_durable`` once this structure is durable.
         """
         if latents.ndim != 2 or latents.shape[1] != self.n_features:
             raise ValueError(f"latents of {structure_id} have shape {latents.shape}, expected (n, {self.n_features})")
         if self.with_forces and (forces is None or node_energy is None or energy is None):
             raise ValueError(f"{structure_id}: this file stores forces and energies; none given")
+        if self.n_layer_energies and layer_energy is None:
+            raise ValueError(f"{structure_id}: this file stores layer energies (LLPR); none given")
         meta = {
             "structure_id": structure_id, "source_file": source_file, "formula": formula,
             "info_json": info_json, "frame_index": int(frame_index), "n_atoms": latents.shape[0],
@@ -180,6 +200,10 @@ class LatentWriter:
             meta["energy"] = float(energy)
             self._buffer["forces"].append(np.asarray(forces, dtype=self.dtype).reshape(-1, 3))
             self._buffer["node_energy"].append(np.asarray(node_energy, dtype=self.dtype).reshape(-1))
+        if self.n_layer_energies:
+            self._buffer["layer_energy"].append(
+                np.asarray(layer_energy, dtype=self.dtype).reshape(-1, self.n_layer_energies)
+            )
         self._meta.append(meta)
         self._buffered += latents.shape[0]
         self.n_atoms_total += latents.shape[0]

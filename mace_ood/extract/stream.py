@@ -30,7 +30,7 @@ from mace_ood.structures import InputError, StructureRef, check_structure, iter_
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"  # 4: layer_energy (LLPR) stored
 # What changes the numbers (the reuse key) and what only changes how they are stored.
 NUMERIC_SETTINGS = ("default_dtype", "layers", "forces")
 LAYOUT_SETTINGS = ("chunk_atoms", "compression")
@@ -66,14 +66,15 @@ class ExtractionSummary:
 
 
 def reuse_key(
-    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None
+    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None,
+    stores_layer_energy: bool = True,
 ) -> dict[str, str]:
     """What a finished latent file must match for its numbers to be reused: the model's content,
     the inputs' content, what changes the latents (dtype, layers, forces) and the format.
-    Batch size, chunking and compression change none of them; the head changes forces and
-    energies only, so it counts only when they are stored."""
+    Batch size, chunking and compression change none of them; the head changes forces, energies
+    and layer energies (LLPR), not the latents: it counts only when one of those is stored."""
     numbers = {k: getattr(settings, k) for k in NUMERIC_SETTINGS}
-    if settings.forces:
+    if settings.forces or stores_layer_energy:
         numbers["head"] = head
     return {
         "model_sha256": model_sha256,
@@ -192,6 +193,7 @@ def _file_attrs(key: dict, model_path: str | Path, settings: ExtractionSettings,
         "device": extractor.device,
         "head": extractor.head,
         "r_max": extractor.r_max,
+        "llpr": extractor.llpr_unsupported or "supported",
         "atomic_numbers": json.dumps(extractor.atomic_numbers),
         **(extra or {}),
     }
@@ -206,16 +208,17 @@ def _open_writer(
     state = record.load() if partial_path(out_path).is_file() else None
     arguments = (out_path, extractor.n_features, settings.default_dtype, attrs, settings.chunk_atoms,
                  settings.compression, settings.forces, on_durable)
+    extra = {"n_layer_energies": extractor.n_layer_energies}
     if state is not None:
         try:
-            writer = LatentWriter(*arguments, (state["n_structures"], state["n_atoms"]))
+            writer = LatentWriter(*arguments, (state["n_structures"], state["n_atoms"]), **extra)
             summary.skipped = state["skipped"]
             summary.resumed_structures = state["n_structures"]
             log.info("resuming %s after %d structures", out_path.name, state["n_structures"])
             return writer, state["n_consumed"]
         except Exception as exc:  # noqa: BLE001 - an unreadable partial file means starting over
             log.warning("cannot resume %s (%s); starting over", partial_path(out_path), exc)
-    return LatentWriter(*arguments), 0
+    return LatentWriter(*arguments, **extra), 0
 
 
 @hdf5_in_this_thread()
@@ -328,7 +331,7 @@ def extract_to_netcdf(
 def non_finite_output(output: dict) -> str | None:
     """Why a model output cannot be scored (a NaN or inf latent, force or energy), else None: a
     NaN would otherwise rank as the most unusual structure or poison the reference statistics."""
-    for name in ("latent", "forces", "node_energy", "energy"):
+    for name in ("latent", "forces", "node_energy", "energy", "layer_energy"):
         value = output.get(name)
         if value is None:
             continue
@@ -381,6 +384,7 @@ def _stream(
                 formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
                 structure_hash=item["hash"], forces=output.get("forces"),
                 node_energy=output.get("node_energy"), energy=output.get("energy"), tag=item["consumed"],
+                layer_energy=output.get("layer_energy"),
             )
         if time.monotonic() - last_checkpoint > checkpoint_seconds:
             writer.checkpoint()

@@ -129,9 +129,11 @@ def extract_and_score(
             "extraction(s)",
         )
         own = [e for e in evaluations if e.reference]
+        labelled = validation_of(evaluations, {f: m.validation for f, m in config.model_families.items()})
         references = _gather(
-            [fit_reference_task.submit(e, output_dir, scores, config.device) for e in own], [e.family for e in own],
-            "reference fit(s)",
+            [fit_reference_task.submit(e, output_dir, scores, config.device, labelled.get(e.family),
+                                       config.energy_key) for e in own],
+            [e.family for e in own], "reference fit(s)",
         )
         reference_of = {e.family: r["path"] for e, r in zip(own, references, strict=True)}
         scored = _gather(
@@ -140,7 +142,6 @@ def extract_and_score(
             [e.label for e in evaluations], "scoring(s)",
         )
         own_of = {e.family: e for e in own}
-        labelled = validation_of(evaluations, {f: m.validation for f, m in config.model_families.items()})
         selections = _gather(
             [select_task.submit(e, own_of[e.family], output_dir, config.select, scores, labelled.get(e.family),
                                 config.forces_key) for e in evaluations],

@@ -20,6 +20,10 @@ Per atom, for S seeds with latents z_s (F channels):
   seed s's reference latents (components by BIC).
 - ``force_deviation``: sqrt(mean_s ||F_s - mean_s F_s||^2) (DP-GEN), when forces were stored.
 - ``energy_std_per_atom``: per atom, the std over seeds of the atom's energy contribution.
+- ``llpr``: mean_s of the atom-level last-layer prediction rigidity, sqrt(f^T (F_a^T F_a / N_a +
+  varsigma^2 I)^-1 f) of the atom's readout features f (:mod:`mace_ood.score.llpr`); per structure
+  also ``llpr_energy_std``, mean_s of alpha_s sqrt(f^T (F^T F + varsigma^2 I)^-1 f) with f summed over
+  the structure's atoms: the energy's standard deviation in eV when alpha was calibrated.
 
 Per structure: ``<score>`` is the mean over its atoms of each per-atom score and
 ``<score>_max`` the max (a vacancy or a surface is a few unusual atoms among many);
@@ -58,7 +62,8 @@ REFERENCE_SCORES = ("aligned_latent_variance", "mahalanobis", "knn_distance", "g
 UNITS = {
     "latent_variance": "latent^2", "aligned_latent_variance": "latent^2", "mahalanobis": "1",
     "knn_distance": "latent", "gmm_nll": "nat", "force_deviation": "eV/Angstrom",
-    "energy_std_per_atom": "eV/atom", "combined": "1", "descriptor": "latent",
+    "energy_std_per_atom": "eV/atom", "combined": "1", "descriptor": "latent", "llpr": "1",
+    "llpr_energy_std": "eV",
 }
 
 
@@ -87,6 +92,43 @@ def _reference_block(block: np.ndarray, reference: FamilyReference, device: str 
     else:
         out[3] = np.nan
     return out
+
+
+def _llpr_block(latent: np.ndarray, layers: np.ndarray | None, llpr: list) -> np.ndarray:
+    """(S, n, F) latents and (S, n, L-1) layer energies -> (n, 1 + S*D): the seed-mean atom-level
+    LLPR, then each seed's per-atom features (summed per structure afterwards)."""
+    features = [seed.readout.features(np.asarray(z, dtype=np.float64), None if layers is None else layers[s])
+                for s, (z, seed) in enumerate(zip(latent, llpr, strict=True))]
+    atom = np.mean([seed.atom_score(f) for f, seed in zip(features, llpr, strict=True)], axis=0)
+    return np.concatenate([atom[:, None], *features], axis=1)
+
+
+def _llpr_structure_std(sums: np.ndarray, llpr: list) -> np.ndarray:
+    width = llpr[0].readout.width
+    return np.mean([seed.structure_std(sums[:, s * width : (s + 1) * width]) for s, seed in enumerate(llpr)], axis=0)
+
+
+def llpr_scores(latents: xr.Dataset, llpr: list) -> dict[str, xr.DataArray]:
+    """Lazy ``atom_llpr`` (atom) and ``llpr_energy_std`` (structure) of one evaluation."""
+    data = latents["latent"].transpose("seed", "atom", "feature").data.rechunk({0: -1, 2: -1})
+    arguments = [data]
+    if "layer_energy" in latents:
+        arguments.append(latents["layer_energy"].transpose("seed", "atom", "layer").data.rechunk(
+            {0: -1, 1: data.chunks[1], 2: -1}))
+    elif llpr[0].readout.n_earlier:
+        return {}
+    width = 1 + len(llpr) * llpr[0].readout.width
+    if len(arguments) == 1:
+        arguments.append(None)
+    combined = da.map_blocks(
+        _llpr_block, *arguments, llpr, drop_axis=0, chunks=(data.chunks[1], (width,)), dtype=np.float64,
+    )
+    counts = latents["n_atoms"].values
+    means = blockwise_structure_mean(combined[:, 1:], latents["atom_offset"].values, counts)
+    sums = means * np.asarray(counts, dtype=np.float64)[:, None]
+    std = da.map_blocks(_llpr_structure_std, sums.rechunk({1: -1}), llpr, drop_axis=1, dtype=np.float64)
+    return {"atom": xr.DataArray(combined[:, 0], dims=("atom",)),
+            "structure": xr.DataArray(std, dims=("structure",))}
 
 
 def atom_latent_variance(latent: xr.DataArray) -> xr.DataArray:
@@ -215,6 +257,11 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
             blockwise_structure_mean(aligned_mean, offsets, counts),
             blockwise_row_of_structure_max(per_atom["mahalanobis"].data, aligned_mean, counts),
         ], axis=1), dims=("structure", "descriptor_feature"))
+    llpr = reference.llpr if reference is not None else None
+    llpr_parts = llpr_scores(latents, llpr) if llpr else {}
+    if llpr_parts:
+        per_atom["llpr"] = llpr_parts["atom"]
+        out["llpr_energy_std"] = llpr_parts["structure"]
     if "forces" in latents and committee:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(

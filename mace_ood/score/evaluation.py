@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 
 
 @hdf5_in_this_thread()
-def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, scores: ScoresConfig) -> str:
-    """Fit the family's reference (alignment, covariance, GMM, k-NN sample) on the fit part of its
-    own training set; the calibration part's structure ids are stored with it."""
+def fit_family_reference(
+    evaluation: EvaluationPlan, output_dir: str | Path, scores: ScoresConfig,
+    validation: EvaluationPlan | None = None, energy_key: str = "REF_energy",
+) -> str:
+    """Fit the family's reference (alignment, covariance, GMM, k-NN sample, LLPR) on the fit part of
+    its own training set; the calibration part's structure ids are stored with it. LLPR's alpha is
+    calibrated on ``validation`` (the family's labelled dataset) when given."""
     with open_latents(list(evaluation.latent_paths)) as latents:
         ids = latents["structure_id"].values.astype(str)
         side = split_structures(
@@ -57,6 +61,7 @@ def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, sco
             latents["latent"], max_atoms=scores.reference_max_atoms, knn_k=scores.knn_k, ridge=scores.ridge,
             gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms, atoms=fit_rows,
         )
+        reference.llpr = _fit_llpr(latents, side, validation, energy_key, evaluation.family)
     reference.calibration_ids = list(ids[held_out]) if held_out.any() else list(ids)
     reference.calibration_in_sample = not held_out.any()
     reference.gap_ids = list(ids[side == GAP])
@@ -66,6 +71,28 @@ def fit_family_reference(evaluation: EvaluationPlan, output_dir: str | Path, sco
         int((side == GAP).sum()),
     )
     return str(reference.save(reference_path(output_dir, evaluation.family)))
+
+
+def _fit_llpr(latents: xr.Dataset, side: np.ndarray, validation: EvaluationPlan | None, energy_key: str,
+              family: str) -> list | None:
+    from mace_ood.score.llpr import fit_family_llpr
+
+    fit, calibration = side == FIT, side == CALIBRATION
+    if not calibration.any():
+        fit = calibration = np.ones(len(side), dtype=bool)
+    opened = open_latents(list(validation.latent_paths)) if validation is not None else None
+    try:
+        fitted = fit_family_llpr(latents, fit, calibration, opened, energy_key,
+                                 validation.dataset if validation is not None else "")
+    finally:
+        if opened is not None:
+            opened.close()
+    if fitted is None:
+        log.info("%s: no LLPR (the models' readouts are not MACE's standard ones)", family)
+    else:
+        log.info("%s: LLPR alpha %s, calibrated on %s", family,
+                 ", ".join(f"{s.alpha:.3g}" for s in fitted), fitted[0].calibrated_on)
+    return fitted
 
 
 def write_scores_netcdf(scores: xr.Dataset, path: str | Path) -> Path:

@@ -63,6 +63,11 @@ def _combine_seeds(paths: list, opened: list[xr.Dataset], chunk_atoms: int | Non
             dim="seed", coords="minimal", compat="override", join="override",
         )
         out["energy"] = (("seed", "structure"), np.stack([ds["energy"].values for ds in opened]))
+    if all("layer_energy" in ds for ds in opened):
+        out["layer_energy"] = xr.concat(
+            [ds["layer_energy"].chunk({"atom": chunk_atoms, "layer": -1}) for ds in opened],
+            dim="seed", coords="minimal", compat="override", join="override",
+        )
     for name, values in table.items():
         out[name] = ("structure", values)
     out.attrs["seed_files"] = [str(p) for p in paths]

@@ -40,6 +40,7 @@ class FamilyReference:
     calibration_ids: list[str] = field(default_factory=list)  # training structures held out of the fit
     gap_ids: list[str] = field(default_factory=list)  # neighbours of calibration frames: in neither part
     calibration_in_sample: bool = False  # too few structures to split: calibrated on fit data
+    llpr: list | None = None  # per seed, mace_ood.score.llpr.SeedLLPR; None: the models do not support it
 
     def save(self, path: str | Path) -> Path:
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -48,6 +49,8 @@ class FamilyReference:
 
     @staticmethod
     def load(path: str | Path) -> FamilyReference:
+        import mace  # noqa: F401  (LLPR keeps e3nn modules; mace makes e3nn's constants loadable)
+
         with open(path, "rb") as handle:
             return pickle.load(handle)
 

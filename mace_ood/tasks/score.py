@@ -22,13 +22,15 @@ def _record(label: str, path: str, device: str, started: float) -> ScoreResult:
 
 @task(name="fit-reference", task_run_name="fit reference of {evaluation.family}", cache_policy=NO_CACHE)
 def fit_reference_task(
-    evaluation: EvaluationPlan, output_dir: str, scores: ScoresConfig, device: str = "cpu"
+    evaluation: EvaluationPlan, output_dir: str, scores: ScoresConfig, device: str = "cpu",
+    validation: EvaluationPlan | None = None, energy_key: str = "REF_energy",
 ) -> ScoreResult:
-    """Alignment, covariance, GMM and k-NN sample of a family's own training set, on a worker."""
+    """Alignment, covariance, GMM, k-NN sample and LLPR of a family's own training set, on a worker
+    (LLPR calibrated on the family's ``validation`` evaluation when it has one)."""
     configure_process()
     hide_console_tracebacks()
     started = time.perf_counter()
-    path = fit_family_reference(evaluation, output_dir, scores)
+    path = fit_family_reference(evaluation, output_dir, scores, validation, energy_key)
     return _record(evaluation.family, path, worker_device(device), started)
 
 

@@ -56,20 +56,29 @@ def test_unknown_head_is_refused_with_the_heads_listed(multihead):
         check_family("F", infos, "mp")
 
 
-def test_head_is_in_the_file_and_changes_the_reuse_key_only_with_forces(multihead, tmp_path):
+def test_head_is_in_the_file_and_changes_the_reuse_key(multihead, tmp_path):
+    """Latents do not depend on the head, but the stored layer energies (LLPR) and forces do: a file
+    of another head is recomputed, and only its head-dependent variables differ."""
+    import netCDF4
+
     data = tmp_path / "d.xyz"
     ase.io.write(data, random_structures(3, seed=2))
     settings = ExtractionSettings(device="cpu", chunk_atoms=64, forces=False)
-    out = tmp_path / "seed-0.nc"
-    extract_to_netcdf(multihead[0], [str(data)], out, settings)
-    assert extract_to_netcdf(multihead[0], [str(data)], out, settings, head="pt_head").reused  # latents only
+    default, other = tmp_path / "default.nc", tmp_path / "other.nc"
+    extract_to_netcdf(multihead[0], [str(data)], default, settings)
+    extract_to_netcdf(multihead[0], [str(data)], other, settings, head="pt_head")
+    again = extract_to_netcdf(multihead[0], [str(data)], default, settings, head="pt_head")
+    assert again.computed_structures == 3 and not again.reused
+    extract_to_netcdf(multihead[0], [str(data)], default, settings)
+    with netCDF4.Dataset(default) as a, netCDF4.Dataset(other) as b:
+        assert (a.getncattr("head"), b.getncattr("head")) == ("Default", "pt_head")
+        np.testing.assert_array_equal(a["latent"][:], b["latent"][:])
+        assert np.abs(a["layer_energy"][:] - b["layer_energy"][:]).max() > 1e-6
     forces = settings.model_copy(update={"forces": True})
-    first = extract_to_netcdf(multihead[0], [str(data)], out, forces)
-    again = extract_to_netcdf(multihead[0], [str(data)], out, forces, head="pt_head")
+    first = extract_to_netcdf(multihead[0], [str(data)], default, forces)
+    again = extract_to_netcdf(multihead[0], [str(data)], default, forces, head="pt_head")
     assert first.computed_structures == 3 and again.computed_structures == 3 and not again.reused
-    import netCDF4
-
-    with netCDF4.Dataset(out) as ds:
+    with netCDF4.Dataset(default) as ds:
         assert ds.getncattr("head") == "pt_head"
 
 

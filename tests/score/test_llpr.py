@@ -1,0 +1,150 @@
+"""LLPR against an independent computation: readout features hooked out of mace's own calculator,
+F^T F and the quadratic forms in plain numpy (float64)."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from mace_ood.config import ExtractionSettings, ScoresConfig
+from mace_ood.extract.store import read_structure_table
+from mace_ood.extract.stream import extract_to_netcdf
+from mace_ood.records import EvaluationPlan
+from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+from mace_ood.score.llpr import calibrate, regularised_inverse
+from mace_ood.score.reference import FamilyReference
+from mace_ood.testing import build_tiny_mace, random_structures, write_dataset
+
+LAMBDA = 1e-6  # the documented default without labels
+
+
+def hooked_features(model_path, structures, head: str | None) -> list[np.ndarray]:
+    """Per structure, (n_atoms, D): every earlier readout's output for the head, then the last
+    readout's masked hidden activation (the input of its linear_2), the head's block."""
+    from mace.calculators import MACECalculator
+
+    calc = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64",
+                          **({"head": head} if head else {}))
+    model = calc.models[0]
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    h = heads.index(head) if head else 0
+    captured: dict[str, torch.Tensor] = {}
+    handles = [readout.register_forward_hook(lambda _m, _i, out, i=i: captured.__setitem__(f"e{i}", out.detach()))
+               for i, readout in enumerate(model.readouts[:-1])]
+    handles.append(model.readouts[-1].linear_2.register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("hidden", args[0].detach())))
+    out = []
+    try:
+        for atoms in structures:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            atoms.get_potential_energy()
+            width = captured["hidden"].shape[1] // len(heads)
+            columns = [captured[f"e{i}"][:, h : h + 1] for i in range(len(model.readouts) - 1)]
+            columns.append(captured["hidden"][:, h * width : (h + 1) * width])
+            out.append(torch.cat(columns, dim=1).double().numpy())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+@pytest.fixture(scope="module", params=[None, "pt_head"], ids=["plain", "multihead"])
+def llpr_run(request, tmp_path_factory):
+    head = request.param
+    root = tmp_path_factory.mktemp("llpr")
+    heads = ["Default", "pt_head"] if head else None
+    models = []
+    for seed in range(2):
+        path = root / f"m{seed}.model"
+        torch.save(build_tiny_mace(seed, heads=heads), path)
+        models.append(path)
+    files = {"train": write_dataset(root, "train", random_structures(36, seed=1)),
+             "test": write_dataset(root, "test", random_structures(8, seed=2))}
+    # as the run read them (the file rounds positions)
+    train, test = (ase.io.read(files[name], ":") for name in ("train", "test"))
+    settings = ExtractionSettings(device="cpu", forces=False)
+    latents = {
+        name: tuple(str(extract_to_netcdf(m, [str(f)], root / f"{name}_{i}.nc", settings, head=head).path)
+                    for i, m in enumerate(models))
+        for name, f in files.items()
+    }
+    own = EvaluationPlan("F", "train", True, latents["train"])
+    reference_file = fit_family_reference(own, root, ScoresConfig())
+    scores = score_evaluation(EvaluationPlan("F", "test", False, latents["test"]), root, 16, reference_file)
+    train_ids = [str(i) for i in read_structure_table(latents["train"][0])["structure_id"]]
+    return {"models": models, "train": train, "test": test, "head": head, "train_ids": train_ids,
+            "reference": FamilyReference.load(reference_file), "scores": scores}
+
+
+def test_llpr_equals_numpy_from_hooked_readout_features(llpr_run):
+    reference = llpr_run["reference"]
+    excluded = set(reference.calibration_ids) | set(reference.gap_ids)
+    if reference.calibration_in_sample:
+        excluded = set()
+    assert len(llpr_run["train_ids"]) == len(llpr_run["train"])
+    with xr.open_dataset(llpr_run["scores"]) as ds:
+        expected_structure, expected_atom = ds["llpr_energy_std"].values, ds["atom_llpr"].values
+    structure_std, atom_scores = [], []
+    for model_path in llpr_run["models"]:
+        train = hooked_features(model_path, llpr_run["train"], llpr_run["head"])
+        test = hooked_features(model_path, llpr_run["test"], llpr_run["head"])
+        fit = [f for f, sid in zip(train, llpr_run["train_ids"], strict=True) if sid not in excluded]
+        sums = np.stack([f.sum(axis=0) for f in fit])
+        gram = sums.T @ sums
+        inverse = np.linalg.inv(gram + LAMBDA * np.trace(gram) / len(gram) * np.eye(len(gram)))
+        atoms = np.concatenate(fit)
+        atom_gram = atoms.T @ atoms / len(atoms)
+        atom_inverse = np.linalg.inv(atom_gram + LAMBDA * np.trace(atom_gram) / len(atom_gram) * np.eye(len(atom_gram)))
+        test_sums = np.stack([f.sum(axis=0) for f in test])
+        structure_std.append(np.sqrt(np.einsum("ij,jk,ik->i", test_sums, inverse, test_sums)))
+        test_atoms = np.concatenate(test)
+        atom_scores.append(np.sqrt(np.einsum("ij,jk,ik->i", test_atoms, atom_inverse, test_atoms)))
+    assert 0 < len(fit) < len(train) or reference.calibration_in_sample
+    assert all(s.calibrated_on == "none" and s.alpha == 1.0 for s in reference.llpr)
+    np.testing.assert_allclose(expected_structure, np.mean(structure_std, axis=0), rtol=1e-8)
+    np.testing.assert_allclose(expected_atom, np.mean(atom_scores, axis=0), rtol=1e-8)
+
+
+def test_hooked_features_rebuild_the_models_energy(llpr_run):
+    """The features are the right ones: the model's interaction energy is linear in them."""
+    from mace.calculators import MACECalculator
+
+    head = llpr_run["head"]
+    model_path = llpr_run["models"][0]
+    calc = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64",
+                          **({"head": head} if head else {}))
+    model = calc.models[0]
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    h = heads.index(head) if head else 0
+    weights = model.readouts[-1].linear_2(torch.eye(model.readouts[-1].linear_2.irreps_in.dim, dtype=torch.float64))
+    width = weights.shape[0] // len(heads)
+    w = np.concatenate([np.ones(len(model.readouts) - 1), weights[h * width : (h + 1) * width, h].detach().numpy()])
+    scale, shift = float(np.atleast_1d(model.scale_shift.scale.numpy())[h]), float(np.atleast_1d(model.scale_shift.shift.numpy())[h])
+    for atoms, features in zip(llpr_run["test"][:3], hooked_features(model_path, llpr_run["test"][:3], head), strict=True):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        energy = atoms.get_potential_energy()
+        e0 = sum(float(model.atomic_energies_fn.atomic_energies.numpy().reshape(len(heads), -1)[h][
+            list(model.atomic_numbers.numpy()).index(z)]) for z in atoms.numbers)
+        rebuilt = e0 + scale * float((features @ w).sum()) + shift * len(atoms)
+        assert rebuilt == pytest.approx(energy, rel=1e-9, abs=1e-9)
+
+
+def test_calibration_recovers_a_known_alpha():
+    """Errors drawn with variance alpha^2 f^T (G + lam I)^-1 f: the maximum-likelihood alpha comes back."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(400, 6)) @ np.diag([3, 2, 1, 0.5, 0.2, 0.1])
+    gram = train.T @ train
+    features = rng.normal(size=(20000, 6)) @ np.diag([3, 2, 1, 0.5, 0.2, 0.1])
+    variance = np.einsum("ij,jk,ik->i", features, regularised_inverse(gram, 1e-6), features)
+    errors = rng.normal(size=20000) * 0.05 * np.sqrt(variance)
+    alpha, lam = calibrate(gram, features, errors)
+    # the grid's neighbours of the true lambda give nearly the same variances; a large one does not
+    assert lam <= 1e-3
+    # the MLE from 20000 draws: relative standard error sqrt(2/20000)/2 = 0.5 % on alpha; 3 of them
+    assert alpha == pytest.approx(0.05, rel=0.015)
+    assert calibrate(gram, features, errors * 3)[0] == pytest.approx(3 * alpha, rel=1e-9)
