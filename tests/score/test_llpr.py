@@ -148,3 +148,47 @@ def test_calibration_recovers_a_known_alpha():
     # the MLE from 20000 draws: relative standard error sqrt(2/20000)/2 = 0.5 % on alpha; 3 of them
     assert alpha == pytest.approx(0.05, rel=0.015)
     assert calibrate(gram, features, errors * 3)[0] == pytest.approx(3 * alpha, rel=1e-9)
+
+
+def test_alpha_is_calibrated_on_the_validation_energies(tmp_path):
+    """With a labelled validation dataset, each seed's (alpha, varsigma) is the likelihood maximum for
+    that seed's energy errors there, on features hooked out of mace's calculator."""
+    from mace.calculators import MACECalculator
+
+    models = []
+    for seed in range(2):
+        path = tmp_path / f"m{seed}.model"
+        torch.save(build_tiny_mace(seed), path)
+        models.append(path)
+    train_file = write_dataset(tmp_path, "train", random_structures(24, seed=1))
+    labelled = ase.io.read(write_dataset(tmp_path, "tmp", random_structures(12, seed=5)), ":")
+    reference_calc = MACECalculator(model_paths=str(models[0]), device="cpu", default_dtype="float64")
+    rng = np.random.default_rng(3)
+    for atoms in labelled:
+        atoms.calc = reference_calc
+        atoms.info["REF_energy"] = atoms.get_potential_energy() + float(rng.normal(scale=0.05))
+        atoms.calc = None
+    valid_file = tmp_path / "valid.extxyz"
+    ase.io.write(valid_file, labelled)
+    settings = ExtractionSettings(device="cpu", forces=True)
+    paths = {name: tuple(str(extract_to_netcdf(m, [str(f)], tmp_path / f"{name}_{i}.nc", settings).path)
+                         for i, m in enumerate(models))
+             for name, f in (("train", train_file), ("valid", valid_file))}
+    reference = FamilyReference.load(fit_family_reference(
+        EvaluationPlan("F", "train", True, paths["train"]), tmp_path, ScoresConfig(),
+        validation=EvaluationPlan("F", "valid", False, paths["valid"]),
+    ))
+    valid = ase.io.read(valid_file, ":")
+    for model_path, seed in zip(models, reference.llpr, strict=True):
+        calc = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64")
+        errors = []
+        for atoms in valid:
+            truth = atoms.info["REF_energy"]
+            atoms = atoms.copy()
+            atoms.calc = calc
+            errors.append(atoms.get_potential_energy() - truth)
+        sums = np.stack([f.sum(axis=0) for f in hooked_features(model_path, valid, None)])
+        alpha, lam = calibrate(seed.gram, sums, np.array(errors))
+        assert seed.calibrated_on == "validation valid" and seed.n_calibration == len(valid)
+        assert (seed.alpha, seed.lam) == (pytest.approx(alpha, rel=1e-8), lam)
+        assert seed.alpha != 1.0
