@@ -67,6 +67,7 @@ class Run:
     config: RunConfig
     _extractors: dict = field(default_factory=dict, repr=False)
     _calibrations: dict = field(default_factory=dict, repr=False)
+    _error_models: dict = field(default_factory=dict, repr=False)
     _models: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -171,12 +172,15 @@ class Run:
         return order_columns(table, self.config.select.score), latents, scores
 
     def _error_model(self, family: str) -> ErrorModel | None:
-        own = EvaluationPlan(family, self.trained_on(family), True, ())
-        try:
-            model = read_selection_summary(self.path, own.label).get("error_model")
-        except FileNotFoundError:
-            return None
-        return ErrorModel.from_dict(model) if model else None
+        """The family's predicted-error map (read once: an MD loop asks every step)."""
+        if family not in self._error_models:
+            own = EvaluationPlan(family, self.trained_on(family), True, ())
+            try:
+                model = read_selection_summary(self.path, own.label).get("error_model")
+            except FileNotFoundError:
+                model = None
+            self._error_models[family] = ErrorModel.from_dict(model) if model else None
+        return self._error_models[family]
 
     def _calibration(self, family: str) -> tuple[FamilyReference, pd.DataFrame, dict]:
         """The family's reference, its training-set table and calibration atoms (read once)."""

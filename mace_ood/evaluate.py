@@ -196,13 +196,14 @@ def _roc_rows(family: str, dataset: str, group: pd.DataFrame, positives: np.ndar
 
 def evaluate_run(
     run_dir: str | Path, n_resamples: int = 1000, forces_key: str = "REF_forces", seed: int = 0,
-    labels: dict[str, bool] | None = None,
+    labels: dict[str, bool] | None = None, data: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per (family, dataset) and pooled per family (``dataset`` = ``all``): every score's Spearman
     with the force error and its ROC-AUC, OOD structures against in-distribution ones (the held-out
     calibration part of the training set and anything labelled in distribution), with bootstrap
-    95 % intervals."""
-    data = evaluation_data(run_dir, forces_key, labels)
+    95 % intervals. ``data``: :func:`evaluation_data` of the run when already read (the force
+    errors stream every labelled frame: read them once)."""
+    data = evaluation_data(run_dir, forces_key, labels) if data is None else data
     rows = []
     for family, group in data.groupby("family", sort=False):
         group = group.reset_index(drop=True)

@@ -173,12 +173,13 @@ def evaluate(
     labels: Labels = None,
 ) -> None:
     """How well each score finds OOD structures: ROC-AUC and rank correlation with the force error."""
-    from mace_ood.evaluate import evaluate_run, plot_errors, plot_evaluation, read_labels
+    from mace_ood.evaluate import evaluate_run, evaluation_data, plot_errors, plot_evaluation, read_labels
     from mace_ood.files import write_csv
 
     try:
         structure_labels = read_labels(labels) if labels else None
-        table = evaluate_run(run_dir, n_bootstrap, forces_key, labels=structure_labels)
+        data = evaluation_data(run_dir, forces_key, structure_labels)
+        table = evaluate_run(run_dir, n_bootstrap, forces_key, labels=structure_labels, data=data)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     csv = write_csv(table, Path(run_dir) / "evaluation.csv")
@@ -191,7 +192,7 @@ def evaluate(
     errors_png = None
     if table.attrs.get("error_note"):
         typer.echo("\n" + table.attrs["error_note"])
-        errors_png = plot_errors(run_dir, Path(run_dir) / "evaluation_errors.png", forces_key)
+        errors_png = plot_errors(data, Path(run_dir) / "evaluation_errors.png", forces_key)
     typer.echo(f"\n{csv}" + (f"\n{png}" if png else "") + (f"\n{errors_png}" if errors_png else ""))
 
 
