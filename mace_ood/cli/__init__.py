@@ -173,7 +173,13 @@ def evaluate(
     labels: Labels = None,
 ) -> None:
     """How well each score finds OOD structures: ROC-AUC and rank correlation with the force error."""
-    from mace_ood.evaluate import evaluate_run, evaluation_data, plot_errors, plot_evaluation, read_labels
+    from mace_ood.evaluate import (
+        evaluate_run,
+        evaluation_data,
+        plot_errors,
+        plot_evaluation,
+        read_labels,
+    )
     from mace_ood.files import write_csv
 
     try:
