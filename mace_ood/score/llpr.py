@@ -22,7 +22,7 @@ atom-level matrix F_a^T F_a / N_a over the fit atoms, unitless (a leverage, like
 
 Stored at extraction: only ``layer_energy`` (atom, L-1), the earlier readouts' per-atom
 outputs for the head. The hidden activation is recomputed from the stored last-layer latents
-with the model's own ``linear_1`` and activation, which the fit keeps (a few kB) in the
+with the model's own ``linear_1`` (as a matrix) and activation, which the fit keeps (a few kB) in the
 reference.
 """
 
@@ -44,22 +44,59 @@ LAMBDA_GRID = tuple(10.0 ** k for k in range(-10, 1))
 DEFAULT_LAMBDA = 1e-6
 
 
-class HiddenMap(torch.nn.Module):
-    """The last readout's ``linear_1`` and activation, and the chosen head's block of its output:
-    last-layer latents (n, C) -> hidden activation g_h (n, d)."""
+@dataclass
+class HiddenMap:
+    """The last readout's ``linear_1`` and activation, restricted to the chosen head's block of its
+    output: last-layer latents (n, C) -> hidden activation g_h (n, d), g = cst * act(z W).
 
-    def __init__(self, model: torch.nn.Module, head: str) -> None:
-        super().__init__()
+    Kept as plain arrays and torch functions, not mace/e3nn modules: a reference that unpickles
+    e3nn modules made every Dask worker that loaded it take seconds to exit.
+    """
+
+    weight: np.ndarray  # (C, d): linear_1 applied to the identity (no bias), the head's columns
+    activations: list  # (start, stop, function, constant or None) over the d columns
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, head: str) -> HiddenMap:
+        from e3nn import o3
+
         readout = model.readouts[-1]
-        self.linear_1 = readout.linear_1
-        self.non_linearity = readout.non_linearity
         num_heads = int(getattr(readout, "num_heads", 1) or 1)
-        width = int(readout.linear_2.irreps_in.dim) // num_heads
-        index = head_index(model, head)
-        self.start, self.stop = index * width, (index + 1) * width
+        total = int(readout.linear_2.irreps_in.dim)
+        width = total // num_heads
+        start = head_index(model, head) * width
+        dtype = next(readout.parameters()).dtype
+        with torch.inference_mode():
+            eye = torch.eye(int(readout.linear_1.irreps_in.dim), dtype=dtype, device=next(readout.parameters()).device)
+            weight = readout.linear_1(eye).double().cpu().numpy()[:, start : start + width]
+        activations, offset = [], 0
+        for (mul, irrep), act in zip(o3.Irreps(str(readout.non_linearity.irreps_in)), readout.non_linearity.acts,
+                                     strict=True):
+            size = mul * irrep.dim
+            lo, hi = max(offset, start) - start, min(offset + size, start + width) - start
+            if lo < hi:
+                if act is None:
+                    activations.append((lo, hi, None, None))
+                else:
+                    constant = None if getattr(act, "_is_id", False) else float(getattr(act, "cst", 1.0))
+                    activations.append((lo, hi, getattr(act, "f", act), constant))
+            offset += size
+        return cls(np.ascontiguousarray(weight), activations)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.non_linearity(self.linear_1(latents))[:, self.start : self.stop]
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        pre = torch.as_tensor(np.asarray(latents, dtype=np.float64) @ self.weight)
+        out = pre.clone()
+        with torch.inference_mode():
+            for lo, hi, function, constant in self.activations:
+                if function is None:
+                    continue
+                value = function(pre[:, lo:hi])
+                out[:, lo:hi] = value if constant is None else value * constant
+        return out.numpy()
+
+    @property
+    def width(self) -> int:
+        return self.weight.shape[1]
 
 
 @dataclass
@@ -75,19 +112,17 @@ class ReadoutMap:
         reason = llpr_unsupported(model)
         if reason is not None:
             raise ValueError(f"LLPR needs MACE's standard readouts: {reason}")
-        hidden = HiddenMap(model, head).to(device="cpu", dtype=torch.float64).eval()
+        hidden = HiddenMap.from_model(model, head)
         width = layer_slices(model)[-1].stop - layer_slices(model)[-1].start
         return cls(hidden, slice(n_latent - width, n_latent), len(model.readouts) - 1)
 
     @property
     def width(self) -> int:
-        return self.n_earlier + self.hidden.stop - self.hidden.start
+        return self.n_earlier + self.hidden.width
 
     def features(self, latents: np.ndarray, layer_energy: np.ndarray | None) -> np.ndarray:
         """(n, D) per-atom LLPR features from (n, F) latents and (n, L-1) ``layer_energy``."""
-        with torch.inference_mode():
-            last = torch.as_tensor(np.ascontiguousarray(latents[:, self.latent_columns]), dtype=torch.float64)
-            hidden = self.hidden(last).numpy()
+        hidden = self.hidden(latents[:, self.latent_columns])
         if self.n_earlier == 0:
             return hidden
         earlier = np.asarray(layer_energy, dtype=np.float64).reshape(len(hidden), self.n_earlier)

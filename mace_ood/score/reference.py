@@ -49,8 +49,6 @@ class FamilyReference:
 
     @staticmethod
     def load(path: str | Path) -> FamilyReference:
-        import mace  # noqa: F401  (LLPR keeps e3nn modules; mace makes e3nn's constants loadable)
-
         with open(path, "rb") as handle:
             return pickle.load(handle)
 
