@@ -75,6 +75,10 @@ def worker_environment(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning"),
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::UserWarning:e3nn.o3._wigner"),
+        # a worker drains its queued task logs to the API as it exits, a batch interval at a time:
+        # at Prefect's 2 s it outlived the nanny's 4 s grace when the cluster closed ("still alive
+        # after 4.0 seconds, killing", measured in `make demo`)
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": os.environ.get("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.25"),
     }
     if api_url:
         env["PREFECT_API_URL"] = api_url

@@ -14,6 +14,10 @@ ENVIRONMENT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "OMP_WAIT_POLICY": "PASSIVE",
     "DASK_LOGGING__DISTRIBUTED": "warning",
+    # logs go to the Prefect API in batches; at Prefect's 2 s interval the last batch of a run
+    # left after the temporary server had stopped ("Error logging to API: All connection
+    # attempts failed" at the end of `make demo`), and workers outlived the nanny's exit grace
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.25",
 }
 # HDF5 chunk cache per variable: the default 64 MiB per variable per open file dominates
 # memory when several seed files are open at once.
