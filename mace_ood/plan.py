@@ -66,8 +66,9 @@ def check_output_dir(output_dir: Path) -> None:
         raise InputError(f"{output_dir}: output directory is not writable ({exc.strerror})") from None
 
 
-def family_scores(config: RunConfig, n_models: int) -> tuple[list[str], str]:
-    """The per-structure scores a family of ``n_models`` gets with ``config``, and what it lacks, in words."""
+def family_scores(config: RunConfig, n_models: int, llpr_unsupported: str | None = None) -> tuple[list[str], str]:
+    """The per-structure scores a family of ``n_models`` gets with ``config``, and what it lacks, in words
+    (``llpr_unsupported``: why its models cannot give LLPR, from ``ModelInfo``)."""
     from typing import get_args
 
     from mace_ood.config import COMMITTEE_SCORES, ForceScoreName, LatentScoreName
@@ -82,6 +83,9 @@ def family_scores(config: RunConfig, n_models: int) -> tuple[list[str], str]:
                        + " scores need 2 or more models")
     if not config.forces:
         missing.append("force scores need `forces: true`")
+    if llpr_unsupported:
+        names = [n for n in names if not n.startswith("llpr")]
+        missing.append(f"LLPR: {llpr_unsupported}")
     return [*names, "combined"], "; ".join(missing)
 
 

@@ -93,7 +93,8 @@ def validate(
             + (f" (forces and energies from head {cfg.model_families[family].head!r})"
                if cfg.model_families[family].head else "")
         )
-        names, missing = family_scores(cfg, len(models))
+        names, missing = family_scores(cfg, len(models), next(
+            (m.get("llpr_unsupported") for m in models if m.get("llpr_unsupported")), None))
         typer.echo(f"  scores: {', '.join(names)}" + (f" (not: {missing})" if missing else ""))
     for evaluation in plan.evaluations:
         ref = " (reference)" if evaluation.reference else ""

@@ -84,6 +84,7 @@ class ModelInfo:
     latent_width: int
     model_class: str
     heads: tuple[str, ...] = ("Default",)
+    llpr_unsupported: str | None = None  # why LLPR cannot be computed for it, else None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +145,8 @@ def choose_head(heads: list[str], head: str | None, where: str) -> str:
 
 
 def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:
+    from mace_ood.extract.readout import llpr_unsupported
+
     model = load_model(path, "cpu", "float64")
     return ModelInfo(
         path=str(path),
@@ -154,6 +157,7 @@ def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:
         latent_width=len(invariant_columns(model, layers)),
         model_class=type(model).__name__,
         heads=tuple(model_heads(model)),
+        llpr_unsupported=llpr_unsupported(model),
     )
 
 

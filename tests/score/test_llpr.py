@@ -4,6 +4,7 @@ F^T F and the quadratic forms in plain numpy (float64)."""
 from __future__ import annotations
 
 import ase.io
+import mace  # noqa: F401  (before e3nn: mace makes e3nn's constants loadable)
 import numpy as np
 import pytest
 import torch
@@ -192,3 +193,37 @@ def test_alpha_is_calibrated_on_the_validation_energies(tmp_path):
         assert seed.calibrated_on == "validation valid" and seed.n_calibration == len(valid)
         assert (seed.alpha, seed.lam) == (pytest.approx(alpha, rel=1e-8), lam)
         assert seed.alpha != 1.0
+
+
+def test_a_model_without_mace_s_readouts_gets_every_score_but_llpr(tmp_path):
+    """A last readout that is not MACE's non-linear one: no layer energies stored, no LLPR columns,
+    and `validate`'s score list says why."""
+    from e3nn import o3
+    from mace.modules.blocks import LinearReadoutBlock
+
+    from mace_ood.config import RunConfig
+    from mace_ood.extract.models import describe_model
+    from mace_ood.plan import family_scores
+
+    model = build_tiny_mace(0)
+    model.readouts[-1] = LinearReadoutBlock(o3.Irreps("8x0e")).double()
+    path = tmp_path / "linear.model"
+    torch.save(model, path)
+    info = describe_model(path)
+    assert info.llpr_unsupported == "its last readout is LinearReadoutBlock, not NonLinearReadoutBlock"
+    data = write_dataset(tmp_path, "train", random_structures(12, seed=1))
+    latents = (str(extract_to_netcdf(path, [str(data)], tmp_path / "train_0.nc",
+                                     ExtractionSettings(device="cpu")).path),)
+    with xr.open_dataset(latents[0]) as ds:
+        assert "layer_energy" not in ds and ds.attrs["llpr"] == info.llpr_unsupported
+    plan = EvaluationPlan("F", "train", True, latents)
+    reference_file = fit_family_reference(plan, tmp_path, ScoresConfig())
+    assert FamilyReference.load(reference_file).llpr is None
+    with xr.open_dataset(score_evaluation(plan, tmp_path, 16, reference_file)) as scores:
+        assert "mahalanobis" in scores and not [v for v in scores.data_vars if "llpr" in str(v)]
+    config = RunConfig.model_validate({
+        "output_dir": str(tmp_path / "run"), "datasets": {"T": [str(data)]},
+        "model_families": {"F": {"trained_on": "T", "models": [str(path)]}},
+    })
+    names, missing = family_scores(config, 1, info.llpr_unsupported)
+    assert "llpr" not in names and "mahalanobis_max" in names and "LLPR: its last readout" in missing
