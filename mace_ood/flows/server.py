@@ -84,5 +84,18 @@ def run_api() -> Iterator[str]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        _send_queued_logs()
         SubprocessASGIServer().stop()
         _temporary_api_url.clear()
+
+
+def _send_queued_logs(timeout_s: float = 5.0) -> None:
+    """Send the run's queued log batches before its temporary server stops: left queued, they were
+    sent at exit to a server that was gone, and the process spent a minute on connection retries
+    before "Error logging to API: All connection attempts failed" (measured on a failed run)."""
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        APILogWorker.drain_all(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - best effort: the run's result is already decided
+        pass
