@@ -37,7 +37,7 @@ def demo_inputs() -> tuple[Path, list[str]]:
 
 def one(model: Path, files: list[str], settings: ExtractionSettings, llpr: bool, out: Path) -> tuple[float, int]:
     out.unlink(missing_ok=True)
-    patch = (mock.patch("mace_ood.extract.readout.llpr_unsupported", return_value="benchmark: off")
+    patch = (mock.patch("mace_ood.extract.runner.llpr_unsupported", return_value="benchmark: off")
              if not llpr else mock.patch.dict(os.environ, {}))
     with patch:
         started = time.perf_counter()

@@ -13,12 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-import ase.io
 import netCDF4
 import numpy as np
 import xarray as xr
 
-from mace_ood.score.llpr import reference_energy
+from mace_ood.score.llpr import reference_energies
 from mace_ood.score.reference import FamilyReference
 
 
@@ -50,12 +49,7 @@ def main() -> None:
         finally:
             for f in with_energy:
                 f.close()
-        truth = np.full(len(ids), np.nan)
-        for source in dict.fromkeys(sources):
-            read = ase.io.read(source, ":")
-            for row in np.flatnonzero(sources == source):
-                value = reference_energy(read[frames[row]], args.energy_key)
-                truth[row] = np.nan if value is None else value
+        truth = reference_energies(sources, frames, np.arange(len(ids)), args.energy_key)
         keep = np.isfinite(truth)
         if path.stem.endswith(f"__{_trained_on(args.run_dir, family)}"):
             keep &= np.isin(ids, reference.calibration_ids)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mace_ood.extract.readout import llpr_unsupported
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -145,8 +147,6 @@ def choose_head(heads: list[str], head: str | None, where: str) -> str:
 
 
 def describe_model(path: str | Path, layers: str = "last") -> ModelInfo:
-    from mace_ood.extract.readout import llpr_unsupported
-
     model = load_model(path, "cpu", "float64")
     return ModelInfo(
         path=str(path),

@@ -31,6 +31,7 @@ from mace_ood.extract.oom import (
     free_device_memory,
     is_out_of_memory,
 )
+from mace_ood.extract.readout import earlier_readout_energies, head_index, llpr_unsupported
 from mace_ood.structures import MIN_DISTANCE_A
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ class LatentExtractor:
         self.max_atoms_per_forward = max_atoms_per_forward
         self.compute_forces = compute_forces
         self.forward_passes = 0
-        from mace_ood.extract.readout import head_index, llpr_unsupported
-
         # LLPR (mace_ood.score.llpr) needs the earlier readouts' per-atom outputs for the head
         self.llpr_unsupported = llpr_unsupported(self.model)
         self.n_layer_energies = len(self.model.readouts) - 1 if self.llpr_unsupported is None else 0
@@ -141,8 +140,6 @@ class LatentExtractor:
                 arrays = {"latent": out["node_feats"].index_select(1, self.columns)}
             energies = None
         if self.n_layer_energies:
-            from mace_ood.extract.readout import earlier_readout_energies
-
             with torch.inference_mode():
                 arrays["layer_energy"] = earlier_readout_energies(
                     self.model, out["node_feats"].detach(), self._head_index

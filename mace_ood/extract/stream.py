@@ -66,16 +66,14 @@ class ExtractionSummary:
 
 
 def reuse_key(
-    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None,
-    stores_layer_energy: bool = True,
+    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None
 ) -> dict[str, str]:
     """What a finished latent file must match for its numbers to be reused: the model's content,
     the inputs' content, what changes the latents (dtype, layers, forces) and the format.
-    Batch size, chunking and compression change none of them; the head changes forces, energies
-    and layer energies (LLPR), not the latents: it counts only when one of those is stored."""
+    Batch size, chunking and compression change none of them; the head changes the layer energies
+    (LLPR, stored for every model with MACE's readouts), forces and energies, not the latents."""
     numbers = {k: getattr(settings, k) for k in NUMERIC_SETTINGS}
-    if settings.forces or stores_layer_energy:
-        numbers["head"] = head
+    numbers["head"] = head
     return {
         "model_sha256": model_sha256,
         "inputs_fingerprint": inputs_fingerprint(files),

@@ -188,14 +188,12 @@ class GramAccumulator:
     def __init__(self, width: int) -> None:
         self.structure = np.zeros((width, width))
         self.atom = np.zeros((width, width))
-        self.n_structures = 0
         self.n_atoms = 0
 
     def add(self, atom_features: np.ndarray, structure_features: np.ndarray) -> None:
         self.atom += atom_features.T @ atom_features
         self.structure += structure_features.T @ structure_features
         self.n_atoms += len(atom_features)
-        self.n_structures += len(structure_features)
 
     def seed_llpr(self, readout: ReadoutMap, lam: float = DEFAULT_LAMBDA) -> SeedLLPR:
         atom_gram = self.atom / max(self.n_atoms, 1)
@@ -224,23 +222,12 @@ def reference_energy(atoms, key: str) -> float | None:
 
 
 def reference_energies(sources: np.ndarray, frames: np.ndarray, rows: np.ndarray, key: str) -> np.ndarray:
-    """Labelled energies of structures ``rows`` (NaN where a frame has none), each file streamed once."""
-    import ase.io
+    """Labelled energies of structures ``rows`` (NaN where a frame has none), each file read once."""
+    from mace_ood.structures import read_structures
 
-    from mace_ood.structures import InputError
-
-    out = np.full(len(rows), np.nan)
-    position = {int(r): i for i, r in enumerate(rows)}
-    for source in dict.fromkeys(sources[rows]):
-        wanted = {int(frames[r]): position[int(r)] for r in rows if sources[r] == source}
-        last, read = max(wanted), -1
-        for read, atoms in enumerate(ase.io.iread(source, index=f":{last + 1}", do_not_split_by_at_sign=True)):
-            if read in wanted:
-                value = reference_energy(atoms, key)
-                out[wanted[read]] = np.nan if value is None else value
-        if read < last:
-            raise InputError(f"{source}: frame {last} not found (has the file changed since the run?)")
-    return out
+    refs = list(zip(np.asarray(sources)[rows], np.asarray(frames)[rows], strict=True))
+    energies = [reference_energy(atoms, key) for atoms in read_structures(refs)]
+    return np.array([np.nan if e is None else e for e in energies], dtype=float)
 
 
 def seed_readout(seed_file: str, n_latent: int) -> ReadoutMap | None:
@@ -271,8 +258,8 @@ def _structure_blocks(offsets: np.ndarray, counts: np.ndarray, rows: np.ndarray,
 
 
 def seed_features(latents, seed: int, readout: ReadoutMap, rows: np.ndarray, block_atoms: int = 65536):
-    """Yield (structure rows, per-atom features, per-structure summed features) of seed ``seed``
-    over structures ``rows``, a block of consecutive structures at a time (memory flat)."""
+    """Yield (per-atom features, per-structure summed features) of seed ``seed`` over structures
+    ``rows``, a block of consecutive structures at a time (memory flat)."""
     offsets, counts = latents["atom_offset"].values, latents["n_atoms"].values
     has_layers = "layer_energy" in latents
     for block in _structure_blocks(offsets, counts, rows, block_atoms):
@@ -282,7 +269,7 @@ def seed_features(latents, seed: int, readout: ReadoutMap, rows: np.ndarray, blo
         if readout.n_earlier and layers is None:
             raise ValueError("the latent files hold no layer_energy (extracted before LLPR was stored)")
         atom_features = readout.features(latent, layers)
-        yield block, atom_features, structure_sums(atom_features, counts[block])
+        yield atom_features, structure_sums(atom_features, counts[block])
 
 
 def fit_family_llpr(
@@ -311,11 +298,11 @@ def fit_family_llpr(
     out = []
     for s, readout in enumerate(readouts):
         accumulator = GramAccumulator(readout.width)
-        for _, atom_features, sums in seed_features(latents, s, readout, np.flatnonzero(fit), block_atoms):
+        for atom_features, sums in seed_features(latents, s, readout, np.flatnonzero(fit), block_atoms):
             accumulator.add(atom_features, sums)
         seed_llpr = accumulator.seed_llpr(readout)
         if known.sum() >= 2:
-            sums = np.concatenate([block_sums for _, _, block_sums in
+            sums = np.concatenate([block_sums for _, block_sums in
                                    seed_features(labelled, s, readout, rows[known], block_atoms)])
             errors = labelled["energy"].values[s, rows[known]] - truth[known]
             seed_llpr.alpha, seed_llpr.lam = calibrate(seed_llpr.gram, sums, errors)
