@@ -111,17 +111,14 @@ def _llpr_structure_std(sums: np.ndarray, llpr: list) -> np.ndarray:
 def llpr_scores(latents: xr.Dataset, llpr: list) -> dict[str, xr.DataArray]:
     """Lazy ``atom_llpr`` (atom) and ``llpr_energy_std`` (structure) of one evaluation."""
     data = latents["latent"].transpose("seed", "atom", "feature").data.rechunk({0: -1, 2: -1})
-    arguments = [data]
+    layers = None
     if "layer_energy" in latents:
-        arguments.append(latents["layer_energy"].transpose("seed", "atom", "layer").data.rechunk(
-            {0: -1, 1: data.chunks[1], 2: -1}))
+        layers = latents["layer_energy"].transpose("seed", "atom", "layer").data.rechunk({0: -1, 1: data.chunks[1], 2: -1})
     elif llpr[0].readout.n_earlier:
         return {}
     width = 1 + len(llpr) * llpr[0].readout.width
-    if len(arguments) == 1:
-        arguments.append(None)
     combined = da.map_blocks(
-        _llpr_block, *arguments, llpr, drop_axis=0, chunks=(data.chunks[1], (width,)), dtype=np.float64,
+        _llpr_block, data, layers, llpr, drop_axis=0, chunks=(data.chunks[1], (width,)), dtype=np.float64,
     )
     counts = latents["n_atoms"].values
     means = blockwise_structure_mean(combined[:, 1:], latents["atom_offset"].values, counts)
