@@ -11,6 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tests.synthetic import make_project  # noqa: E402
 
+BIG_DATASET_STRUCTURES = 120  # 6 extraction jobs of ~3 s each on 2 cores: time to interrupt one
+
 
 @pytest.fixture(scope="session")
 def prefect_server():
@@ -47,3 +49,39 @@ def finished_run(prefect_server, project, tmp_path_factory):
     shutil.copytree(project.parent, work)
     result = CliRunner().invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
     return work, result
+
+
+@pytest.fixture(scope="session")
+def big_project(prefect_server, project, tmp_path_factory):
+    """The tiny project with a T2 dataset big enough to interrupt mid-extraction, and the scores
+    of one uninterrupted run of it: ``(project folder, scores without source_file)``. Computed
+    once per `make test` and shared by the xdist workers (the interrupt, cancel and worker-kill
+    tests compare against it); treat as read-only and copy the folder before running in it."""
+    import pandas as pd
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "big_project"  # the same for every worker
+    else:
+        root = tmp_path_factory.mktemp("big_project")
+    scores = root / "uninterrupted" / "scores.csv"
+    with FileLock(str(root) + ".lock"):
+        if not scores.is_file():
+            _run_big_project(project.parent, root)
+    return root / "p", pd.read_csv(scores).drop(columns=["source_file"])
+
+
+def _run_big_project(source: Path, root: Path) -> None:
+    import shutil
+
+    import ase.io
+
+    from mace_ood.config import load_config
+    from mace_ood.flows.ood import ood_detection
+    from mace_ood.testing import random_structures
+
+    work = root / "p"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(source, work)
+    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(BIG_DATASET_STRUCTURES, seed=8, sizes=(2,)))
+    ood_detection(load_config(work / "config.yaml", {"output_dir": str(root / "uninterrupted")}))

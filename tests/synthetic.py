@@ -71,7 +71,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_busy_project(root: Path, n_families: int = 3, n_structures: int = 40, n_seeds: int = 2) -> Path:
+def make_busy_project(root: Path, n_families: int = 3, n_structures: int = 20, n_seeds: int = 2) -> Path:
     """Several families, each trained on its own dataset, every family scoring every dataset:
     with 64-atom chunks, many reference fits and scorings read netCDF at the same time."""
     datasets, families = {}, {}

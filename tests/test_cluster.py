@@ -152,19 +152,15 @@ def test_gpu_tasks_without_gpu_workers_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_does_not_change_the_result(prefect_server, project, tmp_path):
+def test_a_worker_killed_mid_run_does_not_change_the_result(big_project, tmp_path):
     """Dask reschedules the killed worker's task; its extraction resumes from the disk."""
-    import ase.io
     from prefect.settings import PREFECT_API_URL
 
     from mace_ood.flows.ood import ood_detection
-    from mace_ood.testing import random_structures
 
+    source, local = big_project
     work = tmp_path / "p"
-    shutil.copytree(project.parent, work)
-    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(120, seed=8, sizes=(2,)))
-    reference = ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "local")}))
-    assert reference
+    shutil.copytree(source, work)
 
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -197,9 +193,8 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(prefect_server, proj
         killer.join(timeout=1)
         assert victim.poll() is not None  # it was killed during the run
         assert result["summary"]
-        a = pd.read_csv(work / "local" / "scores.csv").drop(columns=["source_file"])
-        b = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
-        pd.testing.assert_frame_equal(a, b)
+        remote = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
+        pd.testing.assert_frame_equal(remote, local)
     finally:
         for process in (victim, survivor, scheduler):
             process.kill()

@@ -12,28 +12,21 @@ import subprocess
 import sys
 import time
 
-import ase.io
 import pandas as pd
 import psutil
 import pytest
-
-from mace_ood.config import load_config
-from mace_ood.testing import random_structures
 
 STOP_WITHIN_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def big_project(prefect_server, project, tmp_path_factory):
-    """The tiny project with a dataset big enough to interrupt mid-extraction, and the scores of
-    one uninterrupted run of it."""
-    from mace_ood.flows.ood import ood_detection
-
+def interrupt_project(big_project, tmp_path_factory):
+    """A copy of the big project (its own PREFECT_HOME, shared by this module's runs) and the
+    scores of an uninterrupted run of it."""
+    source, uninterrupted = big_project
     work = tmp_path_factory.mktemp("interrupt") / "p"
-    shutil.copytree(project.parent, work)
-    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(200, seed=8, sizes=(2,)))
-    ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "uninterrupted")}))
-    return work, pd.read_csv(work / "uninterrupted" / "scores.csv").drop(columns=["source_file"])
+    shutil.copytree(source, work)
+    return work, uninterrupted
 
 
 def cli_environment(work) -> dict[str, str]:
@@ -94,8 +87,8 @@ def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
     [(signal.SIGINT, True), (signal.SIGTERM, False)],
     ids=["ctrl-c-to-the-group", "kill-the-process"],
 )
-def test_a_signal_stops_the_run_at_once_and_running_again_resumes(big_project, tmp_path, signum, to_group):
-    work, uninterrupted = big_project
+def test_a_signal_stops_the_run_at_once_and_running_again_resumes(interrupt_project, tmp_path, signum, to_group):
+    work, uninterrupted = interrupt_project
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "mace_ood.cli", "run", str(work / "config.yaml"), "--output-dir", str(run_dir)]
     env = cli_environment(work)

@@ -137,14 +137,12 @@ def test_ui_renders_the_top_k_table(served_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes(server, prefect_server, project,
-                                                                                   tmp_path):
+def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes(server, big_project, tmp_path):
     """`prefect flow-run cancel` (a Cancelling state set through the API) on a served run in the
     middle of its extraction: the run's process and its Dask workers are gone within 10 s, the
     run ends Cancelled, and the next run resumes to the scores of an uninterrupted one."""
     import json
 
-    import ase.io
     import pandas as pd
     import psutil
     from prefect.client.orchestration import get_client
@@ -153,16 +151,11 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
-    from mace_ood.config import load_config
-    from mace_ood.flows.ood import ood_detection
-    from mace_ood.testing import random_structures
 
     url, env = server
+    source, uninterrupted = big_project
     work = tmp_path / "p"
-    shutil.copytree(project.parent, work)
-    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(300, seed=8, sizes=(2,)))
-    ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "uninterrupted")}))
-    uninterrupted = pd.read_csv(work / "uninterrupted" / "scores.csv").drop(columns=["source_file"])
+    shutil.copytree(source, work)
 
     env = {**env, "PREFECT_API_URL": f"{url}/api"}
     log = (tmp_path / "serve.log").open("w")
