@@ -29,8 +29,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/mace-ood demo
 
+# Two xdist workers, one test file at a time each (a module's fixtures are built once), the
+# longest files first (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Every benchmark (about 40 min on 2 cores); each prints a markdown table.
 bench: setup
