@@ -33,7 +33,7 @@ demo: setup
 # longest files first (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
 
 # Every benchmark (about 40 min on 2 cores); each prints a markdown table.
 bench: setup

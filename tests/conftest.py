@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -47,53 +53,90 @@ def tiny_models(project) -> dict[str, list[Path]]:
     return {name: sorted(models.glob(f"{name}_seed*.model")) for name in ("T1", "T2")}
 
 
-@pytest.fixture(scope="session")
-def finished_run(prefect_server, project, tmp_path_factory):
-    """One real run of the whole flow (Dask workers, embedded Prefect server) on the tiny project;
-    shared by the CLI and API tests, treat as read-only."""
-    import shutil
-
-    from typer.testing import CliRunner
-
-    from mace_ood.cli import app
-
-    work = tmp_path_factory.mktemp("run") / "p"
-    shutil.copytree(project.parent, work)
-    result = CliRunner().invoke(app, ["run", str(work / "config.yaml"), "--top-k", "2"])
-    return work, result
-
-
-@pytest.fixture(scope="session")
-def big_project(prefect_server, project, tmp_path_factory):
-    """The tiny project with a T2 dataset big enough to interrupt mid-extraction, and the scores
-    of one uninterrupted run of it: ``(project folder, scores without source_file)``. Computed
-    once per `make test` and shared by the xdist workers (the interrupt, cancel and worker-kill
-    tests compare against it); treat as read-only and copy the folder before running in it."""
-    import pandas as pd
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``root/name``, made by ``build(folder)`` once per test session: with xdist the workers share
+    one folder under a file lock (the first builds it, the others wait and reuse it)."""
     from filelock import FileLock
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = tmp_path_factory.getbasetemp().parent / "big_project"  # the same for every worker
+        folder = tmp_path_factory.getbasetemp().parent / name  # the same for every worker
     else:
-        root = tmp_path_factory.mktemp("big_project")
-    scores = root / "uninterrupted" / "scores.csv"
-    with FileLock(str(root) + ".lock"):
-        if not scores.is_file():
-            _run_big_project(project.parent, root)
-    return root / "p", pd.read_csv(scores).drop(columns=["source_file"])
+        folder = tmp_path_factory.getbasetemp() / name
+    done = folder / ".built"
+    with FileLock(f"{folder}.lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
 
 
-def _run_big_project(source: Path, root: Path) -> None:
-    import shutil
+@dataclass(frozen=True)
+class CliOutcome:
+    exit_code: int
+    output: str
+    # read from the run's Prefect server right after it (another xdist worker cannot ask that server)
+    artifacts: dict[str, list[dict]]  # key -> [{type, data}]
+    task_runs: list[dict]  # the select task runs: [{name, completed}]
 
-    import ase.io
 
-    from mace_ood.config import load_config
-    from mace_ood.flows.ood import ood_detection
-    from mace_ood.testing import random_structures
+ARTIFACT_KEYS = ("top-mace-t1-t2", "mace-ood-summary")
 
-    work = root / "p"
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.copytree(source, work)
-    ase.io.write(work / "data" / "T2" / "md_big.xyz", random_structures(BIG_DATASET_STRUCTURES, seed=8, sizes=(2,)))
-    ood_detection(load_config(work / "config.yaml", {"output_dir": str(root / "uninterrupted")}))
+
+@pytest.fixture(scope="session")
+def finished_run(prefect_server, project, tmp_path_factory) -> tuple[Path, CliOutcome]:
+    """One real `mace-ood run --top-k 2` of the whole flow (Dask workers, embedded Prefect server) on
+    the tiny project, with its exit code, output, Prefect artifacts and select task runs; shared by
+    the CLI and API tests (and their xdist workers), treat as read-only."""
+
+    def build(folder: Path) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            TaskRunFilter,
+            TaskRunFilterName,
+        )
+        from typer.testing import CliRunner
+
+        from mace_ood.cli import app
+
+        shutil.copytree(project.parent, folder / "p")
+        started = datetime.now(timezone.utc)
+        result = CliRunner().invoke(app, ["run", str(folder / "p" / "config.yaml"), "--top-k", "2"])
+        with get_client(sync_client=True) as client:  # only this run's: the server saw others
+            artifacts = {key: [{"type": a.type, "data": a.data} for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))) if a.created >= started]
+                for key in ARTIFACT_KEYS}
+            selects = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="select ")))
+            task_runs = [{"name": t.name, "completed": t.state.is_completed()} for t in selects if t.created >= started]
+        (folder / "outcome.json").write_text(json.dumps({"exit_code": result.exit_code, "output": result.output,
+                                                         "artifacts": artifacts, "task_runs": task_runs}))
+
+    folder = built_once(tmp_path_factory, "finished_run", build)
+    return folder / "p", CliOutcome(**json.loads((folder / "outcome.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def big_project(prefect_server, project, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """The tiny project with a T2 dataset big enough to interrupt mid-extraction, and the scores
+    of one uninterrupted run of it: ``(project folder, scores without source_file)``. Built once
+    per session and shared by the xdist workers (the interrupt, cancel and worker-kill tests
+    compare against it); treat as read-only and copy the folder before running in it."""
+
+    def build(folder: Path) -> None:
+        import ase.io
+
+        from mace_ood.config import load_config
+        from mace_ood.flows.ood import ood_detection
+        from mace_ood.testing import random_structures
+
+        work = folder / "p"
+        shutil.copytree(project.parent, work)
+        structures = random_structures(BIG_DATASET_STRUCTURES, seed=8, sizes=(2,))
+        ase.io.write(work / "data" / "T2" / "md_big.xyz", structures)
+        ood_detection(load_config(work / "config.yaml", {"output_dir": str(folder / "uninterrupted")}))
+
+    folder = built_once(tmp_path_factory, "big_project", build)
+    return folder / "p", pd.read_csv(folder / "uninterrupted" / "scores.csv").drop(columns=["source_file"])

@@ -152,28 +152,20 @@ def test_run_end_to_end(finished_run):
     assert book["skipped"].max_row == len(skipped) + 1
 
     # the Prefect UI gets a top-K table per evaluation and a markdown summary
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["top-mace-t1-t2"])))
-        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mace-ood-summary"])))
-    assert tables and tables[0].type == "table"
-    rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
+    tables, summaries = result.artifacts["top-mace-t1-t2"], result.artifacts["mace-ood-summary"]
+    assert tables and tables[0]["type"] == "table"
+    rows = json.loads(tables[0]["data"]) if isinstance(tables[0]["data"], str) else tables[0]["data"]
     assert [r["structure_id"] for r in rows] == list(picks.structure_id)
-    assert summaries and "MACE_T1 on T2" in summaries[0].data
+    assert summaries and "MACE_T1 on T2" in summaries[0]["data"]
 
     # calibration and selection are their own stage: one task run per evaluation, whose decisions
     # the report rendered (the same numbers and picks in scores.csv)
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
     from mace_ood.select.table import read_selection
 
     select_runs = {f"select {f} on {d}" for f, d in [("MACE_T1", "T2"), ("MACE_T2", "T1"), ("MACE_T1", "T1"),
                                                      ("MACE_T2", "T2")]}
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=sorted(select_runs))))
-    assert {r.name for r in runs} == select_runs and all(r.state.is_completed() for r in runs)
+    runs = [r for r in result.task_runs if r["name"] in select_runs]
+    assert {r["name"] for r in runs} == select_runs and all(r["completed"] for r in runs)
     decided = read_selection(out, "MACE_T1__T2").set_index("structure_id").loc[t1_on_t2.structure_id]
     for column in [DEFAULT_SCORE, f"{DEFAULT_SCORE}_pvalue", "latent_variance", "rank"]:
         np.testing.assert_array_equal(decided[column].to_numpy(), t1_on_t2[column].to_numpy())
