@@ -18,9 +18,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from tests.synthetic import make_project  # noqa: E402
 
 # Longest first (measured with --durations on 2 cores), so `make test`'s two xdist workers, each
-# given whole files in this order, finish together; the first two need the shared big project.
-LONGEST_FIRST = ("test_interrupt.py", "test_server.py", "test_flag_rate.py", "test_hdf5_threads.py",
-                 "test_cluster.py", "test_cli_flow.py", "test_api.py", "test_server_start.py")
+# given whole files in this order, finish together (the interrupt tests build the shared big
+# project while the flag-rate test runs beside them).
+LONGEST_FIRST = ("test_interrupt.py", "test_flag_rate.py", "test_server.py", "test_hdf5_threads.py",
+                 "test_cluster.py", "test_cli_flow.py", "test_gpu_check.py", "test_api.py", "test_server_start.py")
 BIG_DATASET_STRUCTURES = 120  # 6 extraction jobs of ~3 s each on 2 cores: time to interrupt one
 
 

@@ -91,16 +91,18 @@ def dask_cluster(prefect_server):
 
 
 @pytest.mark.slow
-def test_flow_runs_on_an_existing_cluster_like_locally(dask_cluster, project, tmp_path):
+def test_flow_runs_on_an_existing_cluster_like_locally(dask_cluster, finished_run, tmp_path):
     from mace_ood.flows.ood import ood_detection
 
     address, _ = dask_cluster
+    local, outcome = finished_run  # `mace-ood run --top-k 2` on a local cluster
+    assert outcome.exit_code == 0, outcome.output
     work = tmp_path / "p"
-    shutil.copytree(project.parent, work)
-    ood_detection(load_config(work / "config.yaml", {"output_dir": str(work / "local")}))
+    shutil.copytree(local, work)
     config = yaml.safe_load((work / "config.yaml").read_text())
     config["dask"] = {"address": address}
     config["output_dir"] = str(work / "remote")
+    config["select"]["top_k"] = 2
     (work / "remote.yaml").write_text(yaml.safe_dump(config))
     remote = ood_detection(load_config(work / "remote.yaml"))
     assert {e["worker"] for e in remote["extractions"]} == {"gpu-worker", "cpu-worker"}
@@ -119,7 +121,7 @@ def test_flow_runs_on_an_existing_cluster_like_locally(dask_cluster, project, tm
         for name in ("mahalanobis", "knn_distance_max", "atom_gmm_nll", "descriptor"):
             if name in b:
                 np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12)
-    a = pd.read_csv(work / "local" / "scores.csv").drop(columns=["source_file"])
+    a = pd.read_csv(local / "run" / "scores.csv").drop(columns=["source_file"])
     b = pd.read_csv(work / "remote" / "scores.csv").drop(columns=["source_file"])
     pd.testing.assert_frame_equal(a, b)
 
