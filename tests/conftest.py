@@ -22,7 +22,7 @@ from tests.synthetic import make_project  # noqa: E402
 # project while the flag-rate test runs beside them).
 LONGEST_FIRST = ("test_interrupt.py", "test_flag_rate.py", "test_server.py", "test_hdf5_threads.py",
                  "test_cluster.py", "test_cli_flow.py", "test_gpu_check.py", "test_api.py", "test_server_start.py")
-BIG_DATASET_STRUCTURES = 120  # 6 extraction jobs of ~3 s each on 2 cores: time to interrupt one
+BIG_DATASET_STRUCTURES = 120  # its 6 extraction jobs take ~2 s each here: time to interrupt or cancel one
 
 
 def pytest_collection_modifyitems(config, items):
