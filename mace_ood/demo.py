@@ -44,12 +44,16 @@ TRAIN_ARGS = (
 
 
 def _labelled(atoms: Atoms) -> Atoms:
-    """A copy with EMT energy and forces stored as REF_energy / REF_forces (no calculator)."""
-    atoms = atoms.copy()
-    atoms.calc = EMT()
+    """A copy with EMT energy and forces stored as REF_energy / REF_forces (no calculator).
+
+    An MD frame keeps its calculator: EMT already has this geometry's results (a fresh EMT
+    gives the same to 1e-13 eV, at the cost of a new neighbour list)."""
+    if not isinstance(atoms.calc, EMT):
+        atoms = atoms.copy()
+        atoms.calc = EMT()
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces()
-    atoms.calc = None
+    atoms = atoms.copy()
     atoms.info["REF_energy"] = float(energy)
     atoms.arrays["REF_forces"] = forces
     return atoms
