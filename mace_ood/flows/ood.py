@@ -187,7 +187,7 @@ def _score_and_report(config: RunConfig) -> ReportResult:
     result = write_report(config, plan.evaluations, selections, skipped)
     result["extractions"] = [
         {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "computed_structures",
-                           "copied_structures", "wall_s", "atoms_per_s", "reused", "worker")}
+                           "copied_structures", "resumed_structures", "wall_s", "atoms_per_s", "reused", "worker")}
         for r in extractions
     ]
     result["scoring"] = [{k: r[k] for k in ("label", "worker", "device", "wall_s")} for r in scored]
