@@ -34,10 +34,11 @@ demo: setup
 	$(VENV)/bin/mace-ood demo
 
 # Two xdist workers, one test file at a time each (a module's fixtures are built once), the
-# longest files first (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+# longest files first (tests/conftest.py; xdist keeps that order only with --no-loadscope-reorder).
+# TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12
 
 # Every benchmark (about 40 min on 2 cores); each prints a markdown table.
 bench: setup

@@ -17,11 +17,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tests.synthetic import make_project  # noqa: E402
 
-# Longest first (measured with --durations on 2 cores), so `make test`'s two xdist workers, each
-# given whole files in this order, finish together (the interrupt tests build the shared big
-# project while the flag-rate test runs beside them).
-LONGEST_FIRST = ("test_interrupt.py", "test_flag_rate.py", "test_server.py", "test_hdf5_threads.py",
-                 "test_cluster.py", "test_cli_flow.py", "test_gpu_check.py", "test_api.py", "test_server_start.py")
+# Most CPU first (each file's CPU-seconds measured on 2 cores, one process): `make test` gives each
+# of its two xdist workers whole files in this order (`--no-loadscope-reorder`: by default xdist
+# sorts files by their number of tests, which ran the 3-test flag-rate file last, alone).
+LONGEST_FIRST = ("test_interrupt.py", "test_flag_rate.py", "test_server.py", "test_cluster.py", "test_hdf5_threads.py",
+                 "test_server_start.py", "test_resume.py", "test_cli_flow.py", "test_single_model.py",
+                 "test_gpu_check.py", "test_llpr.py", "test_api.py")
 BIG_DATASET_STRUCTURES = 120  # its 6 extraction jobs take ~2 s each here: time to interrupt or cancel one
 
 

@@ -35,6 +35,8 @@ of E_s / n_atoms. ``descriptor`` (structure, 2F) is the structure's mean aligned
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import get_args
 
 import dask.array as da
@@ -73,24 +75,20 @@ def units_of(name: str) -> str | None:
     return UNITS.get(base)
 
 
-def _aligned_mean_block(block: np.ndarray, reference: FamilyReference) -> np.ndarray:
-    """(S, n, F) latents -> (n, F): the seed average of the aligned latents (z_s - mu_s) Q_s."""
-    block = np.asarray(block, dtype=np.float64)
-    return np.mean([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)], axis=0)
-
-
 def _reference_block(block: np.ndarray, reference: FamilyReference, device: str = "cpu") -> np.ndarray:
-    """(S, n, F) latents -> (4, n): aligned variance, Mahalanobis, k-NN, GMM NLL."""
+    """(S, n, F) latents -> (n, 4 + F): aligned variance, Mahalanobis, k-NN, GMM NLL, then the seed
+    average of the aligned latents (z_s - mu_s) Q_s (the descriptor's rows): one alignment for both."""
     block = np.asarray(block, dtype=np.float64)
     aligned = np.stack([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)])
-    out = np.empty((4, block.shape[1]))
-    out[0] = seed_variance(aligned)
-    out[1] = np.mean([mahalanobis_distance(z, r.mean, r.precision) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
-    out[2] = np.mean([knn_mean_distance(z, r.sample, reference.knn_k, device=device) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
+    out = np.empty((block.shape[1], len(REFERENCE_SCORES) + block.shape[2]))
+    out[:, 0] = seed_variance(aligned)
+    out[:, 1] = np.mean([mahalanobis_distance(z, r.mean, r.precision) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
+    out[:, 2] = np.mean([knn_mean_distance(z, r.sample, reference.knn_k, device=device) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     if all(r.gmm is not None for r in reference.seeds):
-        out[3] = np.mean([-r.gmm.score_samples(z) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
+        out[:, 3] = np.mean([-r.gmm.score_samples(z) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     else:
-        out[3] = np.nan
+        out[:, 3] = np.nan
+    out[:, len(REFERENCE_SCORES):] = aligned.mean(axis=0)
     return out
 
 
@@ -223,13 +221,35 @@ def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms:
     )
 
 
+@contextmanager
+def _each_block_once() -> Iterator[None]:
+    """Build the score graph with dask's task fusion off.
+
+    Fusion, decided as the graph is built, copies a task into every consumer it is fused with:
+    the reference block (alignment, Mahalanobis, k-NN search, GMM) feeds the per-atom scores, their
+    structure means and maxima and the descriptor, and ran two to three times per block, so every
+    default score cost about twice the k-NN search. Without it each block runs once
+    (``tests/score/test_compute.py``).
+    """
+    import dask
+
+    with dask.config.set({"optimization.fuse.active": False}):
+        yield
+
+
 def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str = "cpu") -> xr.Dataset:
     """Lazy per-atom (``atom_<score>``) and per-structure scores of one evaluation.
 
     ``latents`` comes from :func:`mace_ood.score.latents.open_latents` (it may carry ``forces``).
     Without a reference, only the reference-free scores are computed; with one seed (a family of
-    one model), the across-seed scores (``COMMITTEE_SCORES``) are absent.
+    one model), the across-seed scores (``COMMITTEE_SCORES``) are absent. Each block of the
+    expensive per-atom work runs once, however many outputs it feeds.
     """
+    with _each_block_once():
+        return _compute_scores(latents, reference, device)
+
+
+def _compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str) -> xr.Dataset:
     offsets = latents["atom_offset"].values
     counts = latents["n_atoms"].values
     committee = latents.sizes["seed"] >= 2  # one model: no across-seed scores (absent, not zero)
@@ -238,16 +258,13 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
     if reference is not None:
         data = latents["latent"].transpose("seed", "atom", "feature").data.rechunk({0: -1, 2: -1})
         blocks = da.map_blocks(
-            _reference_block, data, reference, device, drop_axis=(0, 2), new_axis=0,
-            chunks=((4,), data.chunks[1]), dtype=np.float64,
+            _reference_block, data, reference, device, drop_axis=0,
+            chunks=(data.chunks[1], (len(REFERENCE_SCORES) + data.shape[2],)), dtype=np.float64,
         )
         for i, name in enumerate(REFERENCE_SCORES):
             if committee or name != "aligned_latent_variance":
-                per_atom[name] = xr.DataArray(blocks[i], dims=("atom",))
-        aligned_mean = da.map_blocks(
-            _aligned_mean_block, data, reference, drop_axis=0, chunks=(data.chunks[1], data.chunks[2]),
-            dtype=np.float64,
-        )
+                per_atom[name] = xr.DataArray(blocks[:, i], dims=("atom",))
+        aligned_mean = blocks[:, len(REFERENCE_SCORES):]
         # the mean alone hides a defect (one unusual atom of 32 barely moves it): the most unusual
         # atom's own latent stands beside it, so a vacancy cell is far from a bulk one
         out["descriptor"] = xr.DataArray(da.concatenate([

@@ -96,6 +96,36 @@ def test_reference_scores_equal_independent_references(tmp_path):
     np.testing.assert_allclose(scores["knn_distance"], expected, rtol=1e-8)
 
 
+def test_each_block_of_reference_work_runs_once(tmp_path, monkeypatch):
+    """The k-NN search (and the alignment, Mahalanobis and GMM beside it) runs once per block of
+    atoms and seed, however many outputs it feeds: with dask's default task fusion it ran two to
+    three times per block when the scores were written as a run writes them."""
+    import mace_ood.score.compute as compute
+    from mace_ood.score.evaluation import write_scores_netcdf
+
+    rng = np.random.default_rng(12)
+    sizes = [30] * 10  # 300 atoms in chunks of 32 (rotated_seed_files): 10 blocks
+    rotations, shifts = [np.eye(N_FEATURES)] * 2, [np.zeros(N_FEATURES)] * 2
+    ref_paths = rotated_seed_files(tmp_path / "ref", rng.standard_normal((300, N_FEATURES)), rotations, shifts, sizes, noise=0.1)
+    eval_paths = rotated_seed_files(tmp_path / "eval", rng.standard_normal((300, N_FEATURES)), rotations, shifts, sizes, noise=0.1, seed=1)
+    with open_latents(ref_paths) as ref:
+        reference = fit_reference(ref["latent"], knn_k=3, gmm_components=(1,))
+    searched_rows = []
+
+    def counting_knn(query, *args, **kwargs):
+        searched_rows.append(len(query))
+        return knn_mean_distance(query, *args, **kwargs)
+
+    monkeypatch.setattr(compute, "knn_mean_distance", counting_knn)
+    with open_latents(eval_paths, chunk_atoms=32) as latents:
+        scores = compute_scores(latents, reference)
+        assert scores["atom_knn_distance"].data.numblocks == (10,)
+        write_scores_netcdf(scores, tmp_path / "scores.nc")
+    assert sum(searched_rows) == 2 * 300  # each atom of each of the 2 seeds searched once
+    with xr.open_dataset(tmp_path / "scores.nc") as written:
+        assert set(written.data_vars) >= {"knn_distance", "knn_distance_max", "descriptor", "gmm_nll_max"}
+
+
 def test_knn_is_exact_across_chunks():
     rng = np.random.default_rng(8)
     query, reference = rng.standard_normal((300, 6)), rng.standard_normal((1000, 6))
