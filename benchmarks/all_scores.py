@@ -1,6 +1,7 @@
 """Every default score at scale, against the floors it cannot beat, each in a fresh process.
 
     .venv/bin/python benchmarks/all_scores.py [--atoms 1000000] [--seeds 4] [--features 128] [--reference 20000]
+        [--only faiss --only "a run's"]
 
 Writes S seed files of N atoms x F float32 latents and a training set of R atoms, fits the
 family reference on it (timed apart), then times with peak RSS:
@@ -11,7 +12,7 @@ family reference on it (timed apart), then times with peak RSS:
 - ``faiss IndexFlatL2``: the bare faiss exact search of the same rows, when it is installed
   (the fastest exact search here: the floor the default scores are measured against);
 - mace-ood: ``latent_variance`` alone (no reference), and every default score together
-  (``compute_scores(...)`` then ``to_netcdf``, as a run does). The reference scores share one
+  (``compute_scores(...)`` then ``write_scores_netcdf`` on one thread, as a run's score task does). The reference scores share one
   block computation (alignment, Mahalanobis, k-NN, GMM), so they are timed together.
 """
 
@@ -81,17 +82,20 @@ def method_faiss(directory: Path, reference: Path) -> None:
 
 
 def _scores(directory: Path, reference: Path, backend: str = "auto") -> None:
+    """As a run's score task does it: one thread (HDF5 is not thread-safe), its writer."""
+    from mace_ood.runtime import hdf5_in_this_thread
     from mace_ood.score.compute import compute_scores
+    from mace_ood.score.evaluation import write_scores_netcdf
     from mace_ood.score.latents import open_latents
     from mace_ood.score.reference import FamilyReference
 
     ref = FamilyReference.load(reference) if reference.name != "none" else None
     if backend != "auto":
         os.environ["MACE_OOD_KNN_BACKEND"] = backend
-    with open_latents(_latent_paths(directory), chunk_atoms=CHUNK) as latents:
+    with hdf5_in_this_thread(), open_latents(_latent_paths(directory), chunk_atoms=CHUNK) as latents:
         scores = compute_scores(latents, ref)
         with tempfile.TemporaryDirectory() as out:
-            scores.to_netcdf(Path(out) / "scores.nc")
+            write_scores_netcdf(scores, Path(out) / "scores.nc")
 
 
 METHODS = {
@@ -118,7 +122,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--features", type=int, default=128)
     parser.add_argument("--reference", type=int, default=20_000)
-    parser.add_argument("--only", help="run only the methods whose name contains this text")
+    parser.add_argument("--only", action="append", help="run only the methods whose name contains this text (repeatable)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,7 +148,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         floor, faiss_floor = None, None
         for name in METHODS:
-            if args.only and args.only not in name:
+            if args.only and not any(text in name for text in args.only):
                 continue
             if name.startswith("faiss"):
                 try:
