@@ -35,8 +35,6 @@ of E_s / n_atoms. ``descriptor`` (structure, 2F) is the structure's mean aligned
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import get_args
 
 import dask.array as da
@@ -221,22 +219,6 @@ def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms:
     )
 
 
-@contextmanager
-def _each_block_once() -> Iterator[None]:
-    """Build the score graph with dask's task fusion off.
-
-    Fusion, decided as the graph is built, copies a task into every consumer it is fused with:
-    the reference block (alignment, Mahalanobis, k-NN search, GMM) feeds the per-atom scores, their
-    structure means and maxima and the descriptor, and ran two to three times per block, so every
-    default score cost about twice the k-NN search. Without it each block runs once
-    (``tests/score/test_compute.py``).
-    """
-    import dask
-
-    with dask.config.set({"optimization.fuse.active": False}):
-        yield
-
-
 def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str = "cpu") -> xr.Dataset:
     """Lazy per-atom (``atom_<score>``) and per-structure scores of one evaluation.
 
@@ -245,7 +227,13 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
     one model), the across-seed scores (``COMMITTEE_SCORES``) are absent. Each block of the
     expensive per-atom work runs once, however many outputs it feeds.
     """
-    with _each_block_once():
+    import dask
+
+    # dask's task fusion, decided as the graph is built, copies a task into every consumer it is
+    # fused with: the reference block (alignment, Mahalanobis, k-NN search, GMM) feeds the per-atom
+    # scores, their structure means and maxima and the descriptor, and ran two to three times per
+    # block (tests/score/test_compute.py counts the rows searched)
+    with dask.config.set({"optimization.fuse.active": False}):
         return _compute_scores(latents, reference, device)
 
 
