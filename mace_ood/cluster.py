@@ -4,8 +4,12 @@ existing cluster before any work is sent to it. No Prefect here."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +87,61 @@ def worker_environment(
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
+
+
+# What a local worker imports before its first task, imported once by the process the workers fork
+# from (multiprocessing's forkserver) instead of once by each worker: `import torch, e3nn,
+# mace.modules` alone is 6-7 CPU-seconds on this project's 2-core machine. Prefect is left out: it
+# reads its settings (the flow's API URL among them) when it is imported, and a worker is given
+# those only after the fork.
+WORKER_PRELOAD = ("distributed", "torch", "e3nn", "mace.modules", "mace_ood.extract.stream",
+                  "mace_ood.score.evaluation", "mace_ood.select.stage")
+_forkserver_lock = threading.Lock()
+_own_forkserver_pid: int | None = None
+
+
+def can_fork_workers(worker_env: dict[str, str], gpu: bool) -> bool:
+    """Whether local workers may fork from a preloaded process: on Linux, CPU only (a process that
+    forked after CUDA was touched cannot use it; GPU workers are spawned) and one thread per worker
+    (``OMP_NUM_THREADS=1``: no OpenMP or BLAS thread pool exists in the process forked from, and
+    none is needed in the workers)."""
+    return sys.platform.startswith("linux") and not gpu and worker_env.get("OMP_NUM_THREADS") == "1"
+
+
+@contextmanager
+def forked_local_workers(worker_env: dict[str, str]) -> Iterator[bool]:
+    """Within: local Dask workers started by this process fork from one server process that has
+    imported :data:`WORKER_PRELOAD`, started with the workers' thread settings. Yields whether
+    they do: a forkserver that something else in this process started first (other preloads,
+    other settings) leaves the workers spawned, each importing for itself."""
+    global _own_forkserver_pid
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    import dask
+
+    with _forkserver_lock:
+        running = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if running is not None and running != _own_forkserver_pid:
+            yield False
+            return
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+        # the server inherits this process's environment as it is now; OpenMP and BLAS read
+        # their thread settings once, when the server imports torch
+        launch = {k: v for k, v in worker_env.items() if not k.startswith("PREFECT_")}
+        saved = {k: os.environ.get(k) for k in launch}
+        os.environ.update(launch)
+        try:
+            forkserver.ensure_running()  # a no-op while it runs; restarted if it died
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        _own_forkserver_pid = forkserver._forkserver._forkserver_pid
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        yield True
 
 
 def _probe(output_dir: str, token: str) -> dict[str, Any]:

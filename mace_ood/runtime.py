@@ -87,6 +87,7 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
     # relaunched it ("process died unexpectedly") with the terminal's stderr, and the new one
     # printed a KeyError traceback for semaphores it had never seen, after the one-line message
     tracker = _resource_tracker_pid()
+    _adopt_orphans()
     stopped = 0
     for _ in range(5):
         children = [c for c in psutil.Process().children(recursive=True) if c.pid != tracker]
@@ -103,6 +104,18 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
     if tracker is not None:
         stopped += _stop_resource_tracker(tracker, grace_s)
     return stopped
+
+
+def _adopt_orphans() -> None:
+    """On Linux, become the parent of every descendant orphaned from now on (a child subreaper), so
+    that the next scan reaps them: local workers forked from multiprocessing's forkserver are its
+    children, and killed together with it they were left as zombies nothing reaped."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_child_subreaper = 36
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
 
 
 def _resource_tracker_pid() -> int | None:

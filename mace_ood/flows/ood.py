@@ -4,6 +4,7 @@
 import importlib.util
 import os
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import dask
 from prefect import flow, unmapped
@@ -11,7 +12,9 @@ from prefect.logging import get_run_logger
 from prefect_dask import DaskTaskRunner
 
 from mace_ood.cluster import (
+    can_fork_workers,
     check_cluster,
+    forked_local_workers,
     jobqueue_cluster_class,
     jobqueue_kwargs,
     worker_environment,
@@ -49,8 +52,16 @@ def prefect_api_url() -> tuple[str | None, bool]:
     return start_temporary_server(), True
 
 
-def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) -> tuple[DaskTaskRunner, bool]:
-    """A DaskTaskRunner for extraction, and whether tasks must be annotated with a GPU resource.
+class TaskRunnerPlan(NamedTuple):
+    runner: DaskTaskRunner
+    gpu: bool  # whether tasks must be annotated with a GPU resource
+    forked: bool  # local CPU workers fork from a process that imported torch and mace once
+
+
+def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) -> TaskRunnerPlan:
+    """A DaskTaskRunner for extraction, whether tasks need a GPU resource, and whether local workers
+    fork from a preloaded process (:func:`mace_ood.cluster.forked_local_workers`, entered by the flow
+    around the runner's life).
 
     Local cluster: one single-threaded worker process per GPU (each declaring ``GPU=1``),
     or ``n_workers`` CPU workers. Workers are processes because netCDF4/HDF5 is not thread-safe.
@@ -58,7 +69,8 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     import torch
 
     if dask_config.address:
-        return DaskTaskRunner(address=dask_config.address), resolve_device(device).startswith("cuda")
+        return TaskRunnerPlan(DaskTaskRunner(address=dask_config.address), resolve_device(device).startswith("cuda"),
+                              False)
     if dask_config.cluster != "local":
         queue = dask_config.jobqueue
         runner = DaskTaskRunner(
@@ -66,7 +78,7 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
             cluster_kwargs=jobqueue_kwargs(dask_config, api_url),
             adapt_kwargs={"minimum_jobs": queue.min_jobs, "maximum_jobs": queue.max_jobs},
         )
-        return runner, queue.gpus_per_job > 0
+        return TaskRunnerPlan(runner, queue.gpus_per_job > 0, False)
 
     quiet_resource_tracker()  # before the local workers that share it start
     n_gpus = torch.cuda.device_count() if resolve_device(device).startswith("cuda") else 0
@@ -88,8 +100,13 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
             cluster_kwargs.pop("processes")  # LocalCUDACluster always runs worker processes
             # it rotates CUDA_VISIBLE_DEVICES: each worker's own GPU is its first visible one
             cluster_kwargs["env"] = {**cluster_kwargs["env"], PINNED_ENV: "1"}
-            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster_kwargs), True
-    return DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus)
+            return TaskRunnerPlan(
+                DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=cluster_kwargs), True, False
+            )
+    forked = can_fork_workers(cluster_kwargs["env"], bool(n_gpus))
+    if forked:  # a forked worker has the server's environment: give it this process's, as spawning does
+        cluster_kwargs["env"] = {**os.environ, **cluster_kwargs["env"]}
+    return TaskRunnerPlan(DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus), forked)
 
 
 class TaskFailures(RuntimeError):
@@ -171,14 +188,15 @@ def _score_and_report(config: RunConfig) -> ReportResult:
         ", ".join(f"{name} ({len(files)} files)" for name, files in plan.files.items()),
     )
     api_url, temporary_server = prefect_api_url()
-    runner, gpu = make_task_runner(config.dask, config.device, api_url)
+    runner, gpu, forked = make_task_runner(config.dask, config.device, api_url)
     if config.dask.address:
         found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu,
                               temporary_server=temporary_server)
         logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"], found["gpu_workers"])
-    extractions, scored, selections = extract_and_score.with_options(task_runner=runner)(
-        plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
-    )
+    with forked_local_workers(runner.cluster_kwargs["env"]) if forked else nullcontext():
+        extractions, scored, selections = extract_and_score.with_options(task_runner=runner)(
+            plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
+        )
     skipped = [
         {"family": r["family"], "seed": r["seed"], "dataset": r["dataset"], **s}
         for r in extractions
