@@ -24,10 +24,10 @@ import ase.io
 import numpy as np
 from ase import Atoms, units
 from ase.build import bulk, fcc111
-from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from mace_ood.emt import VectorEMT
 from mace_ood.files import atomic_path
 
 N_SEEDS = 4
@@ -48,9 +48,9 @@ def _labelled(atoms: Atoms) -> Atoms:
 
     An MD frame keeps its calculator: EMT already has this geometry's results (a fresh EMT
     gives the same to 1e-13 eV, at the cost of a new neighbour list)."""
-    if not isinstance(atoms.calc, EMT):
+    if not isinstance(atoms.calc, VectorEMT):
         atoms = atoms.copy()
-        atoms.calc = EMT()
+        atoms.calc = VectorEMT()
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces()
     atoms = atoms.copy()
@@ -60,9 +60,10 @@ def _labelled(atoms: Atoms) -> Atoms:
 
 
 def md_frames(atoms: Atoms, temperature_K: float, seed: int, n_frames: int = FRAMES_PER_TRAJECTORY) -> list[Atoms]:
-    """Langevin MD with EMT; every STEPS_BETWEEN_FRAMES-th step is kept, labelled."""
+    """Langevin MD with EMT (ASE's, vectorised: :mod:`mace_ood.emt`); every STEPS_BETWEEN_FRAMES-th
+    step is kept, labelled."""
     atoms = atoms.copy()
-    atoms.calc = EMT()
+    atoms.calc = VectorEMT()
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     dynamics = Langevin(atoms, 4 * units.fs, temperature_K=temperature_K, friction=0.02, fixcm=False, rng=rng)
