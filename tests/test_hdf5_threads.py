@@ -73,6 +73,7 @@ def test_busy_flow_runs_every_netcdf_read_inside_its_own_task(prefect_server, tm
     from distributed import Client, LocalCluster, get_task_stream
     from prefect.settings import PREFECT_API_URL
 
+    from mace_ood.cluster import forked_local_workers
     from mace_ood.config import load_config
     from mace_ood.flows.ood import ood_detection
     from tests.synthetic import make_busy_project
@@ -84,8 +85,10 @@ def test_busy_flow_runs_every_netcdf_read_inside_its_own_task(prefect_server, tm
     load = start_cpu_load(1)
     tables, shipped = [], []
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address="127.0.0.1:0", env=env) as cluster, Client(cluster) as client:
+        # workers forked from a preloaded process, as a local run's are (how they start is not what is tested)
+        with forked_local_workers(env), LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0", env=env,
+        ) as cluster, Client(cluster) as client:
             for _ in range(REPEATS):
                 config = load_config(config_path, {"output_dir": str(tmp_path / "busy" / "run")})
                 config = config.model_copy(update={"dask": config.dask.model_copy(
