@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -50,6 +51,26 @@ def server(tmp_path_factory):
         process.kill()
 
 
+@contextmanager
+def talking_to(url: str):
+    """This process's Prefect API is the server at ``url`` inside; on the way out, what its event
+    and log workers queued for that server is sent while it is up, and the workers are dropped.
+    Prefect keeps one events worker per process, bound to the API it first saw (its key holds no
+    URL): made here, it would send every later event of this xdist worker to this module's server
+    after it has stopped, and the session's test harness waited on them at exit (a hung
+    `make test` with 3 xdist workers, this file the first to emit events on its worker)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+        try:
+            yield
+        finally:
+            EventsWorker.drain_all(timeout=30)
+            APILogWorker.drain_all(timeout=30)
+
+
 def stop_process(process: subprocess.Popen) -> None:
     process.terminate()
     try:
@@ -64,7 +85,6 @@ def served_run(server, project, tmp_path_factory):
     parameters (top_k changed) and waited for."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, env = server
     work = tmp_path_factory.mktemp("served") / "p"
@@ -73,7 +93,7 @@ def served_run(server, project, tmp_path_factory):
     serve = subprocess.Popen([sys.executable, "-m", "mace_ood.cli", "serve", str(work / "config.yaml"), "--name", "it"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+        with talking_to(url):
             with get_client(sync_client=True) as client:
                 deadline = time.monotonic() + 120
                 deployment = None
@@ -148,7 +168,6 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
     from mace_ood.config import load_config
@@ -164,7 +183,7 @@ def test_cancelling_a_deployment_run_stops_its_workers_and_running_again_resumes
     serve = subprocess.Popen([sys.executable, "-m", "mace_ood.cli", "serve", str(work / "config.yaml"), "--name", "cancel"],
                              env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        with temporary_settings({PREFECT_API_URL: f"{url}/api"}), get_client(sync_client=True) as client:
+        with talking_to(url), get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 try:
