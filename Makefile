@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/select_at_scale.py
 	$(PY) benchmarks/full_run.py memory
 	$(PY) benchmarks/full_run.py workers --seeds 4
+	$(PY) benchmarks/worker_start.py --workers 2 --rounds 3
 
 # One prepared command for a lent GPU machine (about 5 min on one GPU); Prefect-free.
 gpu-check: setup
