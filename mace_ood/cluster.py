@@ -115,33 +115,43 @@ def forked_local_workers(worker_env: dict[str, str]) -> Iterator[bool]:
     they do: a forkserver that something else in this process started first (other preloads,
     other settings) leaves the workers spawned, each importing for itself."""
     global _own_forkserver_pid
-    import multiprocessing
     from multiprocessing import forkserver
 
     import dask
 
     with _forkserver_lock:
         running = getattr(forkserver._forkserver, "_forkserver_pid", None)
-        if running is not None and running != _own_forkserver_pid:
-            yield False
-            return
-        multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
-        # the server inherits this process's environment as it is now; OpenMP and BLAS read
-        # their thread settings once, when the server imports torch
-        launch = {k: v for k, v in worker_env.items() if not k.startswith("PREFECT_")}
-        saved = {k: os.environ.get(k) for k in launch}
-        os.environ.update(launch)
-        try:
-            forkserver.ensure_running()  # a no-op while it runs; restarted if it died
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        _own_forkserver_pid = forkserver._forkserver._forkserver_pid
+        ours = running is None or running == _own_forkserver_pid
+        if ours:
+            _start_forkserver(worker_env)
+            _own_forkserver_pid = forkserver._forkserver._forkserver_pid
+    if not ours:
+        yield False
+        return
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         yield True
+
+
+def _start_forkserver(worker_env: dict[str, str]) -> None:
+    """Start (or keep) multiprocessing's forkserver with :data:`WORKER_PRELOAD` and the workers'
+    settings in its environment."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    # the server inherits this process's environment as it is now; OpenMP and BLAS read their
+    # thread settings once, when the server imports torch
+    launch = {k: v for k, v in worker_env.items() if not k.startswith("PREFECT_")}
+    saved = {k: os.environ.get(k) for k in launch}
+    os.environ.update(launch)
+    try:
+        forkserver.ensure_running()  # a no-op while it runs; restarted if it died
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _probe(output_dir: str, token: str) -> dict[str, Any]:

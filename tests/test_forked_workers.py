@@ -63,3 +63,22 @@ def test_forked_workers_get_the_api_url_of_their_run_and_one_thread(monkeypatch)
         assert view["api_url"] == url and view["marker"] == marker
         assert view["torch_threads"] == 1
         assert any("forkserver" in part for part in view["parent"]), view["parent"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forking is used on Linux only")
+def test_a_forkserver_started_by_something_else_leaves_the_workers_spawned(monkeypatch):
+    from multiprocessing import forkserver
+
+    import dask
+
+    import mace_ood.cluster as cluster
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with forked_local_workers(env) as forked:  # ours: started (or kept) here
+        assert forked and dask.config.get("distributed.worker.multiprocessing-method") == "forkserver"
+    assert forkserver._forkserver._forkserver_pid is not None
+    monkeypatch.setattr(cluster, "_own_forkserver_pid", -1)  # as if another library had started it
+    before = dask.config.get("distributed.worker.multiprocessing-method")
+    with forked_local_workers(env) as forked:
+        assert not forked
+        assert dask.config.get("distributed.worker.multiprocessing-method") == before
