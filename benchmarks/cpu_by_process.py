@@ -6,11 +6,14 @@ the command line (Dask workers, Prefect servers, pytest-xdist workers, ...). Wha
 "what takes the time" for `make test` comes from:
 
     python benchmarks/cpu_by_process.py make test
+
+``CPU_BY_PROCESS_TOP=N`` lists the N processes that used the most, with their command lines.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import time
@@ -24,8 +27,8 @@ KINDS = (  # first match wins
     (("mace_ood.cli serve",), "`mace-ood serve`"),
     (("mace_ood.cli", "mace-ood"), "`mace-ood` processes"),
     (("exec(eval(sys.stdin",), "pytest-xdist workers"),
+    (("chrom",), "chromium"),  # before pytest: its --user-data-dir is a pytest temporary folder
     (("pytest",), "pytest"),
-    (("chrom",), "chromium"),
     (("gpu_check",), "`make gpu-check --quick`"),
 )
 
@@ -62,6 +65,11 @@ def main() -> None:
     for name, cpu in by_kind.most_common(20):
         print(f"| {cpu:.1f} | {count[name]} | {name} |")
     print(f"| {sum(by_kind.values()):.1f} | {sum(count.values())} | all |")
+    top = int(os.environ.get("CPU_BY_PROCESS_TOP", "0"))
+    if top:
+        print(f"\nThe {top} processes that used the most CPU:\n")
+        for cpu, command, _ in sorted(seen.values(), key=lambda v: -v[0])[:top]:
+            print(f"{cpu:7.1f}  {command[:160]}")
     sys.exit(process.returncode)
 
 

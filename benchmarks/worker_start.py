@@ -1,9 +1,9 @@
-"""Local Dask workers ready to extract: spawned (each imports torch, e3nn and mace) against forked
-from one preloaded process (``mace_ood.cluster.forked_local_workers``), in the same process.
+"""Local Dask workers ready to extract: spawned (each imports torch, e3nn, mace and Prefect) against
+forked from one preloaded process (``mace_ood.cluster.forked_local_workers``), in the same process.
 
 Each round starts a local cluster of ``--workers`` single-threaded workers the way the flow does
-(``worker_environment``), runs one task per worker that loads a tiny MACE model and runs it on
-one structure, and closes the cluster. CPU-seconds are the whole machine's busy time
+(``worker_environment``), runs one task per worker that imports Prefect's task engine (as the
+flow's tasks do), loads a tiny MACE model and runs it on one structure, and closes the cluster. CPU-seconds are the whole machine's busy time
 (``/proc/stat``: this process, the forkserver, the workers); the forkserver's own imports are
 paid in the first forked round, so later rounds are what a second run in the same process costs.
 
@@ -28,6 +28,9 @@ def busy_cpu_s() -> float:
 
 
 def first_forward(model_path: str) -> int:
+    import prefect.task_engine  # noqa: F401  (what a worker imports to run one of the flow's tasks)
+    import prefect_dask  # noqa: F401
+
     from mace_ood.extract.runner import LatentExtractor
     from mace_ood.testing import random_structures
 

@@ -91,13 +91,17 @@ def worker_environment(
 
 # What a local worker imports before its first task, imported once by the process the workers fork
 # from (multiprocessing's forkserver) instead of once by each worker: `import torch, e3nn,
-# mace.modules` alone is 6-7 CPU-seconds on this project's 2-core machine. Prefect is left out: it
-# reads its settings (the flow's API URL among them) when it is imported, and a worker is given
-# those only after the fork.
+# mace.modules` alone is 6-7 CPU-seconds on this project's 2-core machine.
 WORKER_PRELOAD = ("distributed", "torch", "e3nn", "mace.modules", "mace_ood.extract.stream",
                   "mace_ood.score.evaluation", "mace_ood.select.stage")
+# Prefect and what a worker imports to run one of the flow's tasks (1.5-2 CPU-seconds a worker).
+# Prefect reads its settings (the flow's API URL among them) when it is imported: the forkserver is
+# started with the workers' environment, and started again for a run whose Prefect settings differ.
+PREFECT_PRELOAD = ("prefect", "prefect.main", "prefect.task_engine", "prefect_dask")
 _forkserver_lock = threading.Lock()
 _own_forkserver_pid: int | None = None
+_forkserver_prefect: tuple[tuple[str, str], ...] | None = None  # the PREFECT_* variables it imported Prefect with
+_forkserver_users = 0  # runs of this process whose workers fork from it now
 
 
 def can_fork_workers(worker_env: dict[str, str], gpu: bool) -> bool:
@@ -108,42 +112,67 @@ def can_fork_workers(worker_env: dict[str, str], gpu: bool) -> bool:
     return sys.platform.startswith("linux") and not gpu and worker_env.get("OMP_NUM_THREADS") == "1"
 
 
+def _prefect_variables(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith("PREFECT_")))
+
+
 @contextmanager
 def forked_local_workers(worker_env: dict[str, str]) -> Iterator[bool]:
     """Within: local Dask workers started by this process fork from one server process that has
-    imported :data:`WORKER_PRELOAD`, started with the workers' thread settings. Yields whether
-    they do: a forkserver that something else in this process started first (other preloads,
-    other settings) leaves the workers spawned, each importing for itself."""
-    global _own_forkserver_pid
+    imported :data:`WORKER_PRELOAD` and :data:`PREFECT_PRELOAD`, started with ``worker_env`` (the
+    workers' whole environment). Yields whether they do.
+
+    A run whose Prefect settings (``PREFECT_*`` in ``worker_env``) differ from the server's starts
+    it again, unless another run of this process forks from it now: that run's workers keep it, and
+    this run's are spawned. A forkserver something else in this process started first (other
+    preloads, other settings) leaves the workers spawned, each importing for itself."""
+    global _own_forkserver_pid, _forkserver_prefect, _forkserver_users
     from multiprocessing import forkserver
 
     import dask
 
+    prefect_env = _prefect_variables(worker_env)
     with _forkserver_lock:
         running = getattr(forkserver._forkserver, "_forkserver_pid", None)
         ours = running is None or running == _own_forkserver_pid
+        if ours and running is not None and _forkserver_prefect != prefect_env:
+            if _forkserver_users:
+                ours = False
+            else:
+                _stop_forkserver()
         if ours:
             _start_forkserver(worker_env)
             _own_forkserver_pid = forkserver._forkserver._forkserver_pid
+            _forkserver_prefect = prefect_env
+            _forkserver_users += 1
     if not ours:
-        yield False
+        method = dask.config.get("distributed.worker.multiprocessing-method")
+        # inside another run's `forkserver` setting (Dask's config is global), fork from nothing
+        with dask.config.set({"distributed.worker.multiprocessing-method": "spawn" if method == "forkserver" else method}):
+            yield False
         return
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        yield True
+    try:
+        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+            yield True
+    finally:
+        with _forkserver_lock:
+            _forkserver_users -= 1
 
 
 def _start_forkserver(worker_env: dict[str, str]) -> None:
-    """Start (or keep) multiprocessing's forkserver with :data:`WORKER_PRELOAD` and the workers'
-    settings in its environment."""
+    """Start (or keep) multiprocessing's forkserver with the preloads and ``worker_env`` as its
+    environment."""
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
-    # the server inherits this process's environment as it is now; OpenMP and BLAS read their
-    # thread settings once, when the server imports torch
-    launch = {k: v for k, v in worker_env.items() if not k.startswith("PREFECT_")}
-    saved = {k: os.environ.get(k) for k in launch}
-    os.environ.update(launch)
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*WORKER_PRELOAD, *PREFECT_PRELOAD])
+    # the server inherits this process's environment as it is now: OpenMP and BLAS read their
+    # thread settings once, when the server imports torch, and Prefect its settings
+    stale = [k for k in os.environ if k.startswith("PREFECT_") and k not in worker_env]
+    saved = {k: os.environ.get(k) for k in [*worker_env, *stale]}
+    os.environ.update(worker_env)
+    for key in stale:
+        del os.environ[key]
     try:
         forkserver.ensure_running()  # a no-op while it runs; restarted if it died
     finally:
@@ -152,6 +181,17 @@ def _start_forkserver(worker_env: dict[str, str]) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _stop_forkserver() -> None:
+    """Stop the forkserver (no run of this process forks from it now)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    try:
+        server._stop()  # CPython's own way (its tests'): closing the server's "alive" pipe ends it
+    except ChildProcessError:  # it had died and was reaped already
+        server._forkserver_pid = None
 
 
 def _probe(output_dir: str, token: str) -> dict[str, Any]:

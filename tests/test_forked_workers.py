@@ -4,20 +4,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-from mace_ood.cluster import WORKER_PRELOAD, can_fork_workers, forked_local_workers
-
-
-def test_the_preloaded_modules_import_no_prefect():
-    """Prefect reads its settings (the flow's API URL) at import: imported before the fork, every
-    worker would talk to the server the first run named, or start its own."""
-    code = f"import sys; [__import__(m) for m in {list(WORKER_PRELOAD)!r}]; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[-1] == "[]"  # mace prints a line about cuequivariance
+from mace_ood.cluster import PREFECT_PRELOAD, can_fork_workers, forked_local_workers
 
 
 @pytest.mark.parametrize(("env", "gpu", "expected"), [
@@ -32,37 +23,67 @@ def test_only_single_threaded_cpu_workers_fork(env, gpu, expected):
 
 def _worker_view() -> dict:
     import psutil
+
+    preloaded = all(m in sys.modules for m in PREFECT_PRELOAD)  # before this task imports anything
+    from prefect.context import GLOBAL_SETTINGS_CONTEXT
     from prefect.settings import get_current_settings
 
     return {
         "api_url": str(get_current_settings().api.url),
+        "imported_api_url": str(GLOBAL_SETTINGS_CONTEXT.settings.api.url),  # what Prefect read at import
+        "prefect_preloaded": preloaded,
         "parent": psutil.Process().parent().cmdline(),
+        "parent_pid": psutil.Process().parent().pid,
         "torch_threads": __import__("torch").get_num_threads(),
         "marker": os.environ.get("MACE_OOD_TEST_MARKER"),
     }
 
 
+def _cluster(env):
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1",
+                        env=env)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forking is used on Linux only")
-def test_forked_workers_get_the_api_url_of_their_run_and_one_thread(monkeypatch):
-    from distributed import Client, LocalCluster
+def test_forked_workers_get_the_settings_of_their_run(monkeypatch):
+    """Three runs of one process: A; B with another API URL while A's workers fork; B again after.
+    A's workers fork from a forkserver that imported Prefect with A's URL and see an env var set
+    after it started; B's, while A's are forked, are spawned (the server is not restarted under a
+    run); B again forks from a forkserver started again with B's URL, and kept for B's settings."""
+    from multiprocessing import forkserver
+
+    from distributed import Client
 
     from mace_ood.cluster import worker_environment
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    views = []
-    for run, url in enumerate(("http://127.0.0.1:9/api", "http://127.0.0.1:10/api")):
-        monkeypatch.setenv("MACE_OOD_TEST_MARKER", str(run))  # set after the server started: the nanny's env
-        env = {**os.environ, **worker_environment(1, url)}
-        assert can_fork_workers(env, gpu=False)
-        with forked_local_workers(env) as forked, LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1", env=env,
-        ) as cluster, Client(cluster) as client:
-            assert forked
-            views.append((url, str(run), client.submit(_worker_view, pure=False).result()))
-    for url, marker, view in views:
-        assert view["api_url"] == url and view["marker"] == marker
-        assert view["torch_threads"] == 1
+    url_a, url_b = "http://127.0.0.1:9/api", "http://127.0.0.1:10/api"
+    env_a = {**os.environ, **worker_environment(1, url_a)}
+    env_b = {**os.environ, **worker_environment(1, url_b)}
+    assert can_fork_workers(env_a, gpu=False) and can_fork_workers(env_b, gpu=False)
+    with forked_local_workers(env_a) as forked_a:
+        server_a = forkserver._forkserver._forkserver_pid
+        late = {**env_a, "MACE_OOD_TEST_MARKER": "set after the forkserver started"}  # given by the nanny
+        with _cluster(late) as cluster, Client(cluster) as client:
+            with forked_local_workers(env_b) as forked_during_a, _cluster(env_b) as other, Client(other) as other_client:
+                during_a = other_client.submit(_worker_view, pure=False).result()
+            a = client.submit(_worker_view, pure=False).result()
+    with forked_local_workers(env_b) as forked_b, _cluster(env_b) as cluster, Client(cluster) as client:
+        server_b = forkserver._forkserver._forkserver_pid
+        b = client.submit(_worker_view, pure=False).result()
+    with forked_local_workers(env_b):
+        assert forkserver._forkserver._forkserver_pid == server_b  # the same settings keep it
+
+    assert forked_a and forked_b and not forked_during_a
+    assert a["api_url"] == a["imported_api_url"] == url_a and a["marker"] == "set after the forkserver started"
+    assert b["api_url"] == b["imported_api_url"] == url_b and during_a["api_url"] == url_b
+    for view in (a, b):
+        assert view["prefect_preloaded"] and view["torch_threads"] == 1
         assert any("forkserver" in part for part in view["parent"]), view["parent"]
+    assert a["parent_pid"] == server_a != server_b == b["parent_pid"]
+    assert not any("forkserver" in part for part in during_a["parent"]), during_a["parent"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forking is used on Linux only")
@@ -73,7 +94,8 @@ def test_a_forkserver_started_by_something_else_leaves_the_workers_spawned(monke
 
     import mace_ood.cluster as cluster
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    env = {**os.environ, **cluster.worker_environment(1, "http://127.0.0.1:10/api")}  # the last test's B: kept
     with forked_local_workers(env) as forked:  # ours: started (or kept) here
         assert forked and dask.config.get("distributed.worker.multiprocessing-method") == "forkserver"
     assert forkserver._forkserver._forkserver_pid is not None

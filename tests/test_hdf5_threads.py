@@ -73,13 +73,13 @@ def test_busy_flow_runs_every_netcdf_read_inside_its_own_task(prefect_server, tm
     from distributed import Client, LocalCluster, get_task_stream
     from prefect.settings import PREFECT_API_URL
 
-    from mace_ood.cluster import forked_local_workers
+    from mace_ood.cluster import forked_local_workers, worker_environment
     from mace_ood.config import load_config
     from mace_ood.flows.ood import ood_detection
     from tests.synthetic import make_busy_project
 
     config_path = make_busy_project(tmp_path / "busy")
-    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **worker_environment(2, PREFECT_API_URL.value())}  # what the flow gives its workers
     # one spinner is enough: with the 2 workers and the flow (and `make test`'s other xdist worker)
     # the 2 cores are oversubscribed
     load = start_cpu_load(1)
