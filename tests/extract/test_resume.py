@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
+from contextlib import nullcontext
 
 import ase.io
 import numpy as np
@@ -20,13 +19,11 @@ from mace_ood.paths import partial_path, progress_path
 from mace_ood.testing import random_structures
 
 SETTINGS = ExtractionSettings(device="cpu", default_dtype="float64", batch_size=2, chunk_atoms=64)
-RUNNER = """
-import sys
-from mace_ood.config import ExtractionSettings
-from mace_ood.extract.stream import extract_to_netcdf
-settings = ExtractionSettings.model_validate_json(sys.argv[4])
-extract_to_netcdf(sys.argv[1], [sys.argv[2]], sys.argv[3], settings)
-"""
+
+
+def _extract(model: str, dataset: str, out: str, settings_json: str) -> None:
+    """The killed process's work (module level: the forked or spawned child imports this file)."""
+    extract_to_netcdf(model, [dataset], out, ExtractionSettings.model_validate_json(settings_json))
 
 
 def latents_of(path):
@@ -59,15 +56,28 @@ def uninterrupted(dataset, tiny_models):
 
 
 def run_and_kill(model, dataset, out, when_structures: int) -> int:
-    """Start a real extraction process; SIGKILL it once `when_structures` are durable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", RUNNER, str(model), str(dataset), str(out), SETTINGS.model_dump_json()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    """Start a real extraction process; SIGKILL it once `when_structures` are durable.
+
+    The process is forked from the forkserver the flow's local workers fork from (torch and mace
+    imported once; a fresh interpreter costs ~6 CPU-seconds each, 36 in this file), with the
+    session's Prefect settings so it is the one this xdist worker's runs use; spawned where
+    workers are not forked."""
+    import multiprocessing
+
+    from prefect.settings import PREFECT_API_URL
+
+    from mace_ood.cluster import can_fork_workers, forked_local_workers, worker_environment
+
+    env = {**os.environ, **worker_environment(1, PREFECT_API_URL.value())}
+    forkable = can_fork_workers(env, gpu=False)
+    with forked_local_workers(env) if forkable else nullcontext(False) as forked:
+        context = multiprocessing.get_context("forkserver" if forked else "spawn")
+        process = context.Process(target=_extract, args=(str(model), str(dataset), str(out), SETTINGS.model_dump_json()),
+                                  daemon=True)
+        process.start()
     record = progress_path(out)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and process.is_alive():
         if when_structures == 0 and partial_path(out).exists():
             break
         if record.exists():
@@ -77,16 +87,17 @@ def run_and_kill(model, dataset, out, when_structures: int) -> int:
             except (json.JSONDecodeError, KeyError, FileNotFoundError):
                 pass
         time.sleep(0.005)
-    assert process.poll() is None, "the extraction finished before it could be killed"
+    assert process.is_alive(), "the extraction finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    process.join()
     # what is durable now (the process may have gone on between the last look and the kill)
     return json.loads(record.read_text())["n_structures"] if record.exists() else 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_points", [(0,), (10,), (60,), (110,), (20, 90)])
-def test_killed_extraction_resumes_to_identical_latents(dataset, tiny_models, uninterrupted, tmp_path, kill_points):
+def test_killed_extraction_resumes_to_identical_latents(prefect_server, dataset, tiny_models, uninterrupted, tmp_path,
+                                                       kill_points):
     reference, full = uninterrupted
     out = tmp_path / "seed-0.nc"
     durable = 0
