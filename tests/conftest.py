@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _one_certificate_file() -> str:
-    """A CA file of one certificate (certifi's first), written once per machine.
+    """A CA file of one certificate (certifi's first), rewritten where missing or different.
 
     Every Prefect API client loads its CA file when it is made (``ssl.create_default_context``):
     certifi's ~140 certificates cost 19 ms, and a task run on a Dask worker makes two clients. Every
@@ -29,10 +29,10 @@ def _one_certificate_file() -> str:
     import certifi
 
     path = Path(tempfile.gettempdir()) / "mace-ood-tests-one-ca.pem"
-    if not path.is_file():
-        bundle = Path(certifi.where()).read_text()
-        end = "-----END CERTIFICATE-----"
-        first = bundle[bundle.index("-----BEGIN CERTIFICATE-----"): bundle.index(end) + len(end)] + "\n"
+    bundle = Path(certifi.where()).read_text()
+    end = "-----END CERTIFICATE-----"
+    first = bundle[bundle.index("-----BEGIN CERTIFICATE-----"): bundle.index(end) + len(end)] + "\n"
+    if not path.is_file() or path.read_text() != first:
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(first)
         partial.replace(path)
