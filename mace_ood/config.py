@@ -146,20 +146,33 @@ class ScoresConfig(_Strict):
     )
     gmm_max_atoms: int = Field(5000, ge=10, description="Reference atoms the GMM is fitted on.")
     ridge: float = Field(1e-3, ge=0, description="Covariance ridge, relative to the mean variance.")
-    calibration_fraction: float = Field(
-        0.2, gt=0, lt=1,
-        description="Share of the training set's structures held out from fitting the reference; "
-        "percentiles, the `ood` threshold and the combined score are calibrated on them only.",
+    group_by: str = Field(
+        "auto", min_length=1,
+        description="The training set's independent units, what the ood flag is calibrated over: `auto` (MD runs "
+        "found in each file where the atom count, species order, periodicity or cell changes, the atoms jump or "
+        "an MD step counter restarts), `file`, `blocks` (`split_block_frames` consecutive frames), or an "
+        "`atoms.info` key naming each frame's run (mace's `config_type`, a trajectory id).",
     )
-    split_seed: int = Field(0, description="Salt of the hash that puts each group on one side of the split.")
+    folds: int = Field(
+        10, ge=2,
+        description="Cross-conformal folds of whole groups: every training structure is scored by the reference "
+        "fitted without its fold (each group its own fold when there are at most this many).",
+    )
+    split_seed: int = Field(0, description="Salt of the hash that deals the groups into folds.")
     split_block_frames: int = Field(
         10, ge=1,
-        description="The split holds out whole groups: a source file's blocks of this many consecutive frames "
-        "(MD neighbours are correlated; a random split by frame leaks).",
+        description="Frames per block where groups are blocks (`group_by: blocks`, or `auto` finding a single run).",
     )
-    split_gap_frames: int = Field(
-        1, ge=0, description="Fit frames this close to a calibration frame of the same file are used by neither part.",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old in ("calibration_fraction", "split_gap_frames"):
+                if old in data:
+                    raise ValueError(f"scores.{old} is gone: every training structure is now calibrated out of fold "
+                                     "(scores.folds, scores.group_by; README, \"The ood flag\")")
+        return data
 
 
 class MetadataConfig(_Strict):

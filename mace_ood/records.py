@@ -100,6 +100,8 @@ class EvaluationSummary(TypedDict):
     n_ood: int
     alpha: float
     n_calibration: int
+    n_groups: int  # independent groups (runs) of the training set: what the flag's rate is stated over
+    grouping: str  # how they were found, in words
     delivered_rate: float
     combined_of: str
     threshold: float

@@ -75,7 +75,7 @@ def forces_run(tmp_path, tiny_models, validation=None, select=None):
             for i, m in enumerate(tiny_models["T1"])
         )
         evaluations.append(EvaluationPlan("F", dataset, dataset == "D0", latent_paths))
-    scores = ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)
+    scores = ScoresConfig(gmm_components=[1], split_block_frames=2)
     reference = fit_family_reference(evaluations[0], tmp_path, scores)
     for evaluation in evaluations:
         score_evaluation(evaluation, tmp_path, 64, reference)
@@ -106,9 +106,8 @@ def test_force_errors_are_joined_to_their_own_structures(tmp_path, tiny_models):
     got = dict(zip(data["structure_id"], data["force_rmse"], strict=True))
     with xr.open_dataset(tmp_path / "scores" / "F__D0.nc") as ds:
         split = dict(zip(ds["structure_id"].values.astype(str), ds["split"].values.astype(str), strict=True))
-    held_out = {sid for sid, side in split.items() if side == "calibration"}
-    assert 0 < len(held_out) < len(split)
-    # D1 and the held-out part of D0 (the fit part and the gap frames beside it are dropped)
+    held_out = {sid for sid, side in split.items() if side == "out-of-fold"}
+    assert len(held_out) == len(split) > 0  # every training structure is scored out of fold: all are usable
     assert set(got) == set(data[data.dataset == "D1"]["structure_id"]) | held_out and len(got) == 8 + len(held_out)
     for sid, value in got.items():
         assert value == pytest.approx(expected[sid], rel=1e-9), sid
@@ -151,15 +150,14 @@ def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
 
     paths, _, sizes = synthetic_latent_files(tmp_path / "latents", n_seeds=2, sizes=(5, 7, 3) * 4)
     evaluation = EvaluationPlan("F", "D", True, tuple(str(p) for p in paths))
-    scores = ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)
+    scores = ScoresConfig(gmm_components=[1], split_block_frames=2)
     score_evaluation(evaluation, tmp_path, 16, fit_family_reference(evaluation, tmp_path, scores))
     select_run(tmp_path, [evaluation], scores=scores)
-    every = [f"s{i}" for i in range(len(sizes))]  # fit or calibration rows: all known
+    every = [f"s{i}" for i in range(len(sizes))]  # every training row, scored out of fold: all usable
     labelled = evaluation_data(tmp_path, labels=dict.fromkeys(every, True))
-    n = len(labelled)  # the calibration rows, labels applied
-    assert 0 < n < len(every) and labelled["ood_label"].all() and (labelled["split"] == "calibration").all()
-    assert labelled.attrs["labels_note"].startswith(f"labels: {n} of {len(every)} structure ids matched ({n} ood, 0 in")
-    assert f"{len(every) - n} are training structures the reference was fitted on" in labelled.attrs["labels_note"]
+    n = len(labelled)
+    assert n == len(every) and labelled["ood_label"].all() and (labelled["split"] == "out-of-fold").all()
+    assert labelled.attrs["labels_note"] == f"labels: {n} of {n} structure ids matched ({n} ood, 0 in distribution)"
     with pytest.raises(ValueError, match=r"1 structure id\(s\) are in no evaluation .* 's99'"):
         evaluation_data(tmp_path, labels={"s0": True, "s99": True})
 

@@ -29,7 +29,7 @@ def test_one_model_scores_equal_that_seed_inside_a_committee(tmp_path, tiny_mode
     from mace_ood.testing import random_structures
 
     settings = ExtractionSettings(device="cpu", forces=True, chunk_atoms=64)
-    scores = ScoresConfig(gmm_components=[1], split_block_frames=2, split_gap_frames=0)
+    scores = ScoresConfig(gmm_components=[1], split_block_frames=2)
     latents = {}
     for dataset, n, seed in (("D0", 14, 1), ("D1", 6, 2)):
         path = tmp_path / f"{dataset}.extxyz"

@@ -81,8 +81,19 @@ def validate(
         plan = plan_run(cfg, count=False)
     except (InputError, ModelError) as exc:
         _fail(str(exc))
+    from mace_ood.runs import groups_of_files
+
     for dataset, files in plan.files.items():
-        typer.echo(f"dataset {dataset}: {len(files)} file(s)")
+        try:
+            grouping = groups_of_files(files, cfg.scores.group_by, cfg.scores.split_block_frames)
+        except InputError as exc:
+            _fail(str(exc))
+        sizes = sorted(grouping.sizes, reverse=True)
+        shown = ", ".join(map(str, sizes[:12])) + (f", ... ({len(sizes) - 12} more)" if len(sizes) > 12 else "")
+        typer.echo(f"dataset {dataset}: {len(files)} file(s), {len(grouping.labels)} frames in {grouping.describe()}; "
+                   f"frames per group: {shown}")
+        for note in grouping.notes:
+            typer.echo(f"  note: {note}")
     from mace_ood.plan import family_scores
 
     for family, models in plan.models.items():
@@ -237,6 +248,13 @@ def demo(
     from mace_ood.report.build import format_summary
 
     typer.echo(format_summary(result))
+    typer.echo("\nWhat the ood flag promises, and what in-distribution data got:")
+    in_distribution = {name for name, is_ood in cfg.ood_labels.items() if not is_ood}
+    for row in (r for r in result["summary"] if r["reference"]):
+        seen = [f"{r['n_ood']} of {r['n_structures']} flagged on {r['dataset']}" for r in result["summary"]
+                if r["family"] == row["family"] and r["dataset"] in in_distribution]
+        typer.echo(f"  {row['family']}: {row.get('grouping', '')}; false-flag rate at most {row['delivered_rate']:.3f} "
+                   f"at alpha {row['alpha']:g}" + (f"; observed: {', '.join(seen)}" if seen else ""))
     typer.echo("\nHow well does each score find what the models do not know? (`mace-ood evaluate`)")
     evaluate(Path(cfg.output_dir))
 

@@ -136,7 +136,8 @@ def format_summary(result: ReportResult) -> str:
         lines.append(
             f"\n{row['family']} -> {row['dataset']}{ref}: {row['n_structures']} structures, "
             f"{row['n_atoms']} atoms; {row['n_ood']} flagged ood (p <= {row['alpha']:g} against "
-            f"{row['n_calibration']} held-out training structures, {row['score']}"
+            f"{row['n_calibration']} training structures scored out of fold, each of their "
+            f"{row.get('n_groups', '?')} runs counted once; {row['score']}"
             + (f" of {row['combined_of'].replace(',', ', ')}" if row["combined_of"] else "")
             + f"); {row['strategy']} selection of {row['n_selected']}"
         )
@@ -144,8 +145,8 @@ def format_summary(result: ReportResult) -> str:
             lines.append("  note: 1 model: every score but the seed-variance and committee ones (they need 2 or more "
                          "models)")
         if row["delivered_rate"] > row["alpha"] + 1e-12:
-            lines.append(f"  note: the flag's false-flag rate is {row['delivered_rate']:.3f}, not {row['alpha']:g}: "
-                         f"{row['n_calibration']} calibration structures are too few")
+            lines.append(f"  note: the flag's false-flag rate is at most {row['delivered_rate']:.3f}, not {row['alpha']:g}: "
+                         f"{row['n_groups']} independent runs are too few (add runs, or name them with scores.group_by)")
         if row.get("selection_note"):
             lines.append(f"  note: {row['selection_note']}")
         if isinstance(row.get("error_note"), str) and row["error_note"]:

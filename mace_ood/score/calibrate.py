@@ -23,10 +23,10 @@ from mace_ood.score.conformal import (
     Pool,
     at_or_above_in_group,
     combined_from_log_pvalues,
-    conformal_pvalue,
     delivered_rate,
     effective_alpha,
     group_own_counts,
+    group_pvalue,
     sidak_log_pvalue,
 )
 from mace_ood.score.reference import atom_rows, calibration_mask, split_groups
@@ -54,12 +54,19 @@ def reference_evaluation(evaluations: list[EvaluationPlan], family: str) -> Eval
 
 
 def structure_groups(table: pd.DataFrame, block_frames: int) -> np.ndarray:
-    """Each row's split group (source file name and frame block); each row its own group when the
+    """Each row's group: its run where the table has one (a training set's ``group`` column, written
+    with its scores), else its source file name and frame block; each row its own group when the
     table has no file columns."""
     if {"source_file", "frame_index"} <= set(table.columns):
         groups = split_groups(table["source_file"].to_numpy(), table["frame_index"].to_numpy(), block_frames)
-        return np.array([f"{name}\0{block}" for name, block in groups], dtype=object)
-    return table["structure_id"].astype(str).to_numpy(dtype=object)
+        blocks = np.array([f"{name}\0{block}" for name, block in groups], dtype=object)
+    else:
+        blocks = table["structure_id"].astype(str).to_numpy(dtype=object)
+    if "group" in table.columns:
+        runs = table["group"].to_numpy(dtype=object)
+        known = pd.notna(runs)
+        return np.where(known, np.array([f"{r}" for r in runs], dtype=object), blocks)
+    return blocks
 
 
 @dataclass
@@ -87,6 +94,7 @@ def read_atom_calibration(
         groups = structure_groups(pd.DataFrame({
             "structure_id": ids[which], "source_file": ds["source_file"].values.astype(str)[which],
             "frame_index": ds["frame_index"].values[which],
+            **({"group": ds["group"].values.astype(str)[which]} if "group" in ds else {}),
         }), block_frames)
         per_atom_values = {}
         for name in names:
@@ -161,19 +169,23 @@ def add_percentiles(
         flag_of = {label: _flag_statistic(t, select.score, calibration_rows, own[label], atoms.get(select.score),
                                           block_frames) for label, t in family_tables.items()}
         calibration_flag = flag_of[own_label][calibration_mask(reference)]
-        n_calibration = int(np.isfinite(calibration_flag).sum())
-        level = effective_alpha(select.alpha, n_calibration)
+        calibration_groups = structure_groups(calibration_rows, block_frames)
+        finite = np.isfinite(calibration_flag)
+        n_calibration = int(finite.sum())
+        n_groups = len(set(calibration_groups[finite].tolist()))
+        level = effective_alpha(select.alpha, n_groups)
         for label, table in family_tables.items():
             for score in [c for c in ALL_SCORES if c in table.columns]:
                 table[f"{score}_percentile"] = percentile_against(
                     table[score].to_numpy(), calibration_rows[score].to_numpy()
                 )
             own_ge, own_n = group_own_counts(flag_of[label], structure_groups(table, block_frames), own[label])
-            table[f"{select.score}_pvalue"] = conformal_pvalue(flag_of[label], calibration_flag, own_ge, own_n)
+            table[f"{select.score}_pvalue"] = group_pvalue(flag_of[label], calibration_flag, calibration_groups,
+                                                           own_ge, own_n)
             table["ood"] = (table[f"{select.score}_pvalue"] <= level + 1e-12).to_numpy()
         delivered[family] = {
-            "n_calibration": n_calibration, "alpha": select.alpha, "effective_alpha": level,
-            "delivered_rate": delivered_rate(select.alpha, n_calibration), "components": components,
+            "n_calibration": n_calibration, "n_groups": n_groups, "alpha": select.alpha, "effective_alpha": level,
+            "delivered_rate": delivered_rate(select.alpha, n_groups), "components": components,
         }
     return delivered
 
@@ -188,7 +200,12 @@ def calibrate_run(
         e.family: training_atom_calibration(tables[e.label], score_files[e.label], select, block_frames)
         for e in evaluations if e.reference
     }
-    return add_percentiles(tables, evaluations, select, atom_calibration, block_frames)
+    delivered = add_percentiles(tables, evaluations, select, atom_calibration, block_frames)
+    for e in evaluations:
+        if e.reference:
+            with xr.open_dataset(score_files[e.label], engine="netcdf4") as ds:
+                delivered[e.family]["grouping"] = str(ds.attrs.get("grouping", ""))
+    return delivered
 
 
 def training_atom_calibration(
@@ -210,13 +227,16 @@ def _flag_statistic(table: pd.DataFrame, score: str, calibration_rows: pd.DataFr
 
 
 def alpha_note(family: str, delivered: dict) -> str:
-    """One line on what the flag can deliver with this calibration set, in words."""
-    n, alpha, rate = delivered["n_calibration"], delivered["alpha"], delivered["delivered_rate"]
-    if n == 0:
+    """One line on what the flag can deliver with this many independent groups (runs), in words."""
+    groups, n = delivered.get("n_groups", delivered["n_calibration"]), delivered["n_calibration"]
+    alpha, rate = delivered["alpha"], delivered["delivered_rate"]
+    if groups == 0:
         return f"{family}: no calibration structures: no structure can be flagged ood"
+    counted = f"{n} training structures in {groups} independent group{'s' if groups != 1 else ''} (runs)"
     if delivered["effective_alpha"] > alpha:
-        return (f"{family}: {n} calibration structures cannot deliver alpha = {alpha:g} (the smallest p-value is "
-                f"1/{n + 1} = {1 / (n + 1):.3f}); ood flags structures above every calibration structure, a "
-                f"false-flag rate of {rate:.3f} on in-distribution data. Hold out more (scores.calibration_fraction) "
-                f"or add training data: alpha = {alpha:g} needs {math.ceil(1 / alpha) - 1} or more")
-    return f"{family}: {n} calibration structures; ood at alpha = {alpha:g} delivers a false-flag rate of {rate:.4f}"
+        return (f"{family}: {counted} cannot deliver alpha = {alpha:g}: each run counts once, so the smallest p-value "
+                f"is 1/{groups + 1} = {1 / (groups + 1):.3f}; ood flags structures above every training run, a "
+                f"false-flag rate of at most {rate:.3f} on new in-distribution runs. alpha = {alpha:g} needs "
+                f"{math.ceil(1 / alpha) - 1} or more runs: add runs, or name them with scores.group_by")
+    return (f"{family}: {counted}, each scored out of fold; ood at alpha = {alpha:g} delivers a false-flag rate of "
+            f"at most {rate:.4f} on new in-distribution runs")

@@ -219,13 +219,32 @@ def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms:
     )
 
 
-def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str = "cpu") -> xr.Dataset:
+def _fold_reference_block(block: np.ndarray, atom_fold: np.ndarray, reference: FamilyReference,
+                          device: str = "cpu") -> np.ndarray:
+    """:func:`_reference_block` of training atoms, each by the reference fitted without its fold."""
+    atom_fold = np.asarray(atom_fold).ravel()
+    out = np.empty((block.shape[1], len(REFERENCE_SCORES) + block.shape[2]))
+    for fold in np.unique(atom_fold):
+        rows = atom_fold == fold
+        out[rows, : len(REFERENCE_SCORES)] = _reference_block(
+            block[:, rows], reference.fold_reference(int(fold)), device)[:, : len(REFERENCE_SCORES)]
+    # the descriptor stays in the family's frame (the one new data are aligned to), not the fold's
+    out[:, len(REFERENCE_SCORES):] = np.mean(
+        [(np.asarray(z, dtype=np.float64) - r.mean) @ r.rotation for z, r in zip(block, reference.seeds, strict=True)],
+        axis=0)
+    return out
+
+
+def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str = "cpu",
+                   atom_fold: np.ndarray | None = None) -> xr.Dataset:
     """Lazy per-atom (``atom_<score>``) and per-structure scores of one evaluation.
 
     ``latents`` comes from :func:`mace_ood.score.latents.open_latents` (it may carry ``forces``).
     Without a reference, only the reference-free scores are computed; with one seed (a family of
-    one model), the across-seed scores (``COMMITTEE_SCORES``) are absent. Each block of the
-    expensive per-atom work runs once, however many outputs it feeds.
+    one model), the across-seed scores (``COMMITTEE_SCORES``) are absent. ``atom_fold``: the
+    family's own training set, each atom's fold (:mod:`mace_ood.score.reference`): its reference
+    scores are then out of fold. Each block of the expensive per-atom work runs once, however many
+    outputs it feeds.
     """
     import dask
 
@@ -234,10 +253,11 @@ def compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devic
     # scores, their structure means and maxima and the descriptor, and ran two to three times per
     # block (tests/score/test_compute.py counts the rows searched)
     with dask.config.set({"optimization.fuse.active": False}):
-        return _compute_scores(latents, reference, device)
+        return _compute_scores(latents, reference, device, atom_fold)
 
 
-def _compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str) -> xr.Dataset:
+def _compute_scores(latents: xr.Dataset, reference: FamilyReference | None, device: str,
+                    atom_fold: np.ndarray | None) -> xr.Dataset:
     offsets = latents["atom_offset"].values
     counts = latents["n_atoms"].values
     committee = latents.sizes["seed"] >= 2  # one model: no across-seed scores (absent, not zero)
@@ -245,10 +265,16 @@ def _compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devi
     per_atom = {"latent_variance": atom_latent_variance(latents["latent"])} if committee else {}
     if reference is not None:
         data = latents["latent"].transpose("seed", "atom", "feature").data.rechunk({0: -1, 2: -1})
-        blocks = da.map_blocks(
-            _reference_block, data, reference, device, drop_axis=0,
-            chunks=(data.chunks[1], (len(REFERENCE_SCORES) + data.shape[2],)), dtype=np.float64,
-        )
+        chunks = (data.chunks[1], (len(REFERENCE_SCORES) + data.shape[2],))
+        if atom_fold is None:
+            blocks = da.map_blocks(_reference_block, data, reference, device, drop_axis=0, chunks=chunks,
+                                   dtype=np.float64)
+        else:
+            # (1, atom, 1): map_blocks aligns arrays by their trailing axes
+            folds = da.from_array(np.asarray(atom_fold, dtype=np.int64)[None, :, None],
+                                  chunks=((1,), data.chunks[1], (1,)))
+            blocks = da.map_blocks(_fold_reference_block, data, folds, reference, device, drop_axis=0,
+                                   chunks=chunks, dtype=np.float64)
         for i, name in enumerate(REFERENCE_SCORES):
             if committee or name != "aligned_latent_variance":
                 per_atom[name] = xr.DataArray(blocks[:, i], dims=("atom",))

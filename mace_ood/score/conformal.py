@@ -59,6 +59,41 @@ def conformal_pvalue(values: np.ndarray, calibration: np.ndarray, own_at_or_abov
     return np.where(np.isnan(values), np.nan, p)
 
 
+def group_pvalue(values: np.ndarray, calibration: np.ndarray, calibration_groups: np.ndarray,
+                 own_at_or_above: np.ndarray | None = None, own_count: np.ndarray | None = None) -> np.ndarray:
+    """The conformal p-value with each of the G calibration groups (runs) counted once:
+
+        p(x) = (1 + sum_g #{i in g: c_i >= x} / n_g) / (G + 1).
+
+    A new run's structure and one frame drawn at random from each of G runs are exchangeable, and p
+    is the average over those draws of their rank p-value, so it is valid at the group level: its
+    smallest value is 1 / (G + 1), however many frames the runs hold. A row that is itself a
+    calibration structure (``own_*`` from :func:`group_own_counts`) leaves its group out: the sum
+    runs over the other G - 1 groups and the denominator is G. NaN for a NaN value or no group."""
+    calibration = np.asarray(calibration, dtype=float)
+    keep = np.isfinite(calibration)
+    calibration = calibration[keep]
+    values = np.asarray(values, dtype=float)
+    if calibration.size == 0:
+        return np.full(values.shape, np.nan)
+    _, codes, sizes = np.unique(np.asarray(calibration_groups, dtype=object)[keep].astype(str),
+                                return_inverse=True, return_counts=True)
+    n_groups = len(sizes)
+    order = np.argsort(calibration, kind="stable")
+    ordered, weights = calibration[order], 1.0 / sizes[codes[order]]
+    weight_at_or_above = np.concatenate([np.cumsum(weights[::-1])[::-1], [0.0]])
+    mass = weight_at_or_above[np.searchsorted(ordered, values, side="left")]
+    groups = np.full(values.shape, float(n_groups))
+    if own_at_or_above is not None:
+        own_count = np.asarray(own_count, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mass = mass - np.where(own_count > 0, np.asarray(own_at_or_above, dtype=float) / own_count, 0.0)
+        groups = groups - (own_count > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(groups > 0, (1.0 + np.maximum(mass, 0.0)) / (groups + 1.0), np.nan)
+    return np.where(np.isnan(values), np.nan, p)
+
+
 def at_or_above_in_group(
     member_values: np.ndarray, member_groups: np.ndarray, query_values: np.ndarray, query_groups: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +125,8 @@ def group_own_counts(values: np.ndarray, groups: np.ndarray, mine: np.ndarray) -
 
 
 def effective_alpha(alpha: float, n_calibration: int) -> float:
-    """The level the flag is tested at: ``alpha``, or 1 / (n + 1) when n is too small to reach it."""
+    """The level the flag is tested at: ``alpha``, or 1 / (n + 1) when n (calibration groups) is too
+    small to reach it."""
     return max(alpha, 1.0 / (n_calibration + 1)) if n_calibration > 0 else float("nan")
 
 
@@ -111,6 +147,21 @@ def conformal_threshold(calibration: np.ndarray, alpha: float) -> float:
         return float("nan")
     allowed = math.floor(effective_alpha(alpha, n) * (n + 1) + 1e-9) - 1  # calibration values >= x allowed
     return float(calibration[n - allowed - 1])
+
+
+def group_threshold(calibration: np.ndarray, calibration_groups: np.ndarray, alpha: float) -> float:
+    """The score a structure must exceed to be flagged by :func:`group_pvalue` at ``alpha`` (the
+    effective alpha over the groups): the smallest calibration value above which at most
+    alpha (G + 1) - 1 groups' worth of calibration structures lie."""
+    calibration = np.asarray(calibration, dtype=float)
+    keep = np.isfinite(calibration)
+    if not keep.any():
+        return float("nan")
+    values = np.unique(calibration[keep])
+    n_groups = len(set(np.asarray(calibration_groups, dtype=object)[keep].astype(str).tolist()))
+    level = effective_alpha(alpha, n_groups)
+    above = group_pvalue(np.nextafter(values, np.inf), calibration, calibration_groups)
+    return float(values[np.argmax(above <= level + 1e-12)])
 
 
 @dataclass

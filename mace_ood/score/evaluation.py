@@ -13,20 +13,17 @@ from mace_ood.config import ScoresConfig
 from mace_ood.files import atomic_path
 from mace_ood.paths import reference_path, scores_path
 from mace_ood.records import EvaluationPlan
+from mace_ood.runs import find_groups
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import compute_scores
 from mace_ood.score.latents import open_latents
 from mace_ood.score.reference import (
-    CALIBRATION,
     FIT,
-    GAP,
-    MIN_CALIBRATION_GROUPS,
-    MIN_STRUCTURES_TO_SPLIT,
+    IN_SAMPLE,
+    OUT_OF_FOLD,
     FamilyReference,
-    atom_rows,
+    assign_folds,
     fit_reference,
-    split_groups,
-    split_structures,
 )
 
 log = logging.getLogger(__name__)
@@ -37,39 +34,36 @@ def fit_family_reference(
     evaluation: EvaluationPlan, output_dir: str | Path, scores: ScoresConfig,
     validation: EvaluationPlan | None = None, energy_key: str = "REF_energy",
 ) -> str:
-    """Fit the family's reference (alignment, covariance, GMM, k-NN sample, LLPR) on the fit part of
-    its own training set; the calibration part's structure ids are stored with it. LLPR's alpha is
-    calibrated on ``validation`` (the family's labelled dataset) when given."""
+    """Fit the family's reference (alignment, covariance, GMM, k-NN sample, LLPR) on its own training
+    set, with one fold reference per fold of whole groups (runs, :func:`mace_ood.runs.find_groups`);
+    each training structure's group and fold are stored with it. LLPR's alpha is calibrated on
+    ``validation`` (the family's labelled dataset) when given, else on fold 0."""
     with open_latents(list(evaluation.latent_paths)) as latents:
         ids = latents["structure_id"].values.astype(str)
-        side = split_structures(
-            latents["source_file"].values.astype(str), latents["frame_index"].values, scores.calibration_fraction,
-            scores.split_seed, scores.split_block_frames, scores.split_gap_frames,
-        )
-        held_out = side == CALIBRATION
-        if not held_out.any():
-            log.warning(
-                "%s: %d training structures in %d groups of %d frames (a split needs %d structures and %d "
-                "groups): the reference is calibrated on the data it was fitted on, so p-values and the ood "
-                "flag are optimistic", evaluation.family, len(ids),
-                len(set(split_groups(latents["source_file"].values.astype(str), latents["frame_index"].values,
-                                     scores.split_block_frames))),
-                scores.split_block_frames, MIN_STRUCTURES_TO_SPLIT, MIN_CALIBRATION_GROUPS + 1,
-            )
-        fit_rows = atom_rows(latents["atom_offset"].values[side == FIT], latents["n_atoms"].values[side == FIT])
+        grouping = find_groups(latents["source_file"].values.astype(str), latents["frame_index"].values,
+                               scores.group_by, scores.split_block_frames, latents["n_atoms"].values,
+                               latents["formula"].values.astype(str), latents["info_json"].values.astype(str))
+        fold = assign_folds(grouping.labels, scores.folds, scores.split_seed)
+        counts = latents["n_atoms"].values.astype(np.int64)
         reference = fit_reference(
             latents["latent"], max_atoms=scores.reference_max_atoms, knn_k=scores.knn_k, ridge=scores.ridge,
-            gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms, atoms=fit_rows,
+            gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms,
+            atom_fold=np.repeat(fold, counts),
         )
+        side = np.where(fold == 0, OUT_OF_FOLD, FIT) if reference.folds else np.full(len(ids), FIT)
         reference.llpr = _fit_llpr(latents, side, validation, energy_key, evaluation.family)
-    reference.calibration_ids = list(ids[held_out]) if held_out.any() else list(ids)
-    reference.calibration_in_sample = not held_out.any()
-    reference.gap_ids = list(ids[side == GAP])
-    log.info(
-        "%s: split of %d training structures by file and %d-frame block: %d fit, %d calibration, %d gap",
-        evaluation.family, len(ids), scores.split_block_frames, int((side == FIT).sum()), int(held_out.sum()),
-        int((side == GAP).sum()),
-    )
+    reference.calibration_ids = list(ids)
+    reference.calibration_in_sample = not reference.folds
+    reference.structure_fold = dict(zip(ids.tolist(), fold.tolist(), strict=True))
+    reference.structure_group = dict(zip(ids.tolist(), grouping.labels.tolist(), strict=True))
+    reference.grouping = grouping.describe()
+    reference.grouping_notes = list(grouping.notes)
+    n_folds = len(reference.folds)
+    log.info("%s: %d training structures in %s; %s", evaluation.family, len(ids), reference.grouping,
+             f"scored out of fold over {n_folds} folds" if n_folds else
+             "one group: calibrated in-sample, the ood flag is optimistic")
+    for note in grouping.notes:
+        log.warning("%s: %s", evaluation.family, note)
     return str(reference.save(reference_path(output_dir, evaluation.family)))
 
 
@@ -77,7 +71,7 @@ def _fit_llpr(latents: xr.Dataset, side: np.ndarray, validation: EvaluationPlan 
               family: str) -> list | None:
     from mace_ood.score.llpr import fit_family_llpr
 
-    fit, calibration = side == FIT, side == CALIBRATION
+    fit, calibration = side == FIT, side == OUT_OF_FOLD
     if not calibration.any():
         fit = calibration = np.ones(len(side), dtype=bool)
     opened = open_latents(list(validation.latent_paths)) if validation is not None else None
@@ -111,16 +105,22 @@ def score_evaluation(
     (the k-NN distances on ``device``)."""
     reference = FamilyReference.load(reference_file) if reference_file else None
     with open_latents(list(evaluation.latent_paths), chunk_atoms=chunk_atoms) as latents:
-        scores = compute_scores(latents, reference, device)
-        if evaluation.reference and reference is not None:
-            ids = scores["structure_id"].values.astype(str)
-            held_out, gap = set(reference.calibration_ids), set(getattr(reference, "gap_ids", []))
-            split = [CALIBRATION if i in held_out else GAP if i in gap else FIT for i in ids]
-            if reference.calibration_in_sample:
-                split = ["fit+calibration"] * len(ids)
-            scores["split"] = ("structure", np.array(split, dtype=object))
+        own = evaluation.reference and reference is not None
+        ids = latents["structure_id"].values.astype(str)
+        fold = np.array([reference.structure_fold.get(i, -1) for i in ids], dtype=np.int64) if own else None
+        if own and (fold < 0).any():
+            raise ValueError(f"{evaluation.label}: {ids[fold < 0][0]} is not in the reference's training set: "
+                             "refit the reference (the training latents changed since it was fitted)")
+        atom_fold = np.repeat(fold, latents["n_atoms"].values) if own and reference.folds else None
+        scores = compute_scores(latents, reference, device, atom_fold=atom_fold)
+        if own:
+            split = OUT_OF_FOLD if reference.folds else IN_SAMPLE
+            scores["split"] = ("structure", np.full(len(ids), split, dtype=object))
+            scores["fold"] = ("structure", fold)
+            scores["group"] = ("structure", np.array([reference.structure_group[i] for i in ids], dtype=object))
         scores.attrs.update({
             "family": evaluation.family, "dataset": evaluation.dataset,
             "reference": int(evaluation.reference), "seed_files": json.dumps(evaluation.latent_paths),
+            **({"grouping": reference.grouping} if own else {}),
         })
         return str(write_scores_netcdf(scores, scores_path(output_dir, evaluation.label)))

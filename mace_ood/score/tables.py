@@ -49,6 +49,9 @@ def table_from_scores(
     })
     if "split" in ds:
         frame["split"] = ds["split"].values.astype(str)
+    if "group" in ds:  # the training set's runs and folds (mace_ood.runs): what calibration counts once
+        frame["group"] = ds["group"].values.astype(str)
+        frame["fold"] = ds["fold"].values
     frame.insert(0, "family", family)
     frame.insert(1, "dataset", dataset)
     frame.insert(2, "reference", reference)
@@ -72,9 +75,14 @@ def metadata_table(ds: xr.Dataset, patterns: list[str] | tuple[str, ...] = ()) -
 
 
 def rank_table(frame: pd.DataFrame, score: str) -> pd.DataFrame:
-    """``rank`` by ``score`` (1 = highest, NaN last), rows sorted by it."""
+    """``rank`` by ``score`` (1 = highest, NaN last; ties by ``structure_id``, so the rank does not
+    depend on the order the structures came in), rows sorted by it."""
     frame = frame.copy()
-    frame["rank"] = frame[score].rank(ascending=False, method="first", na_option="bottom").astype(int)
+    values = frame[score].to_numpy(dtype=float)
+    order = np.lexsort((frame["structure_id"].astype(str).to_numpy(), -np.nan_to_num(values, nan=-np.inf)))
+    rank = np.empty(len(frame), dtype=int)
+    rank[order] = np.arange(1, len(frame) + 1)
+    frame["rank"] = rank
     first = ["family", "dataset", "reference", "rank", score, *ID_COLUMNS]
     return frame[first + [c for c in frame.columns if c not in first]].sort_values("rank").reset_index(drop=True)
 

@@ -1,4 +1,4 @@
-"""The select stage: calibrate one evaluation against its family's held-out training structures,
+"""The select stage: calibrate one evaluation against its family's training structures (out of fold),
 rank, flag and pick, and write what was decided (:mod:`mace_ood.select.table`).
 
 Runs after scoring, one evaluation at a time (a Prefect task on a Dask worker in a run); the
@@ -21,7 +21,7 @@ from mace_ood.records import EvaluationPlan, EvaluationSummary, SelectionResult
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.calibrate import alpha_note, calibrate_run, structure_groups
 from mace_ood.score.compute import COMBINED_SCORE
-from mace_ood.score.conformal import conformal_threshold
+from mace_ood.score.conformal import group_threshold
 from mace_ood.score.errors import ErrorModel, fit_error_model, force_errors, split_halves
 from mace_ood.score.reference import calibration_mask
 from mace_ood.score.tables import evaluation_table, rank_table, read_descriptors
@@ -107,7 +107,7 @@ def evaluation_summary(
 ) -> EvaluationSummary:
     """The summary row of one evaluation (before its picks): counts, the flag's rate and threshold."""
     score = select.score
-    calibration_values = training.loc[calibration_mask(training), score].to_numpy(dtype=float)
+    calibration = training.loc[calibration_mask(training)]
     return {
         "evaluation": evaluation.label,
         "family": evaluation.family,
@@ -122,8 +122,11 @@ def evaluation_summary(
         "n_ood": int(table["ood"].sum()),
         "alpha": select.alpha,
         "n_calibration": delivered["n_calibration"],
+        "n_groups": delivered["n_groups"],
+        "grouping": delivered.get("grouping", ""),
         "delivered_rate": delivered["delivered_rate"],
-        "threshold": float(conformal_threshold(calibration_values, select.alpha)),
+        "threshold": group_threshold(calibration[score].to_numpy(dtype=float), structure_groups(calibration, 10),
+                                     select.alpha),
         "combined_of": ",".join(delivered["components"]) if score == COMBINED_SCORE else "",
         "alpha_note": alpha_note(evaluation.family, delivered),
         "strategy": "",

@@ -1,5 +1,6 @@
-"""Honest calibration: the reference is fitted on one part of the training set and every
-percentile, threshold and the combined score are taken on the other part."""
+"""Honest calibration: every training structure is scored by the reference fitted without its
+fold of whole groups, and every percentile, threshold and the combined score are taken on those
+out-of-fold scores."""
 
 from __future__ import annotations
 
@@ -26,30 +27,31 @@ def training_run(tmp_path, n_structures=40, knn_k=1, chunk_atoms=64):
     return evaluation, latents, sizes, FamilyReference.load(reference_file), scores_file
 
 
-def test_no_calibration_atom_is_scored_against_a_reference_that_contains_it(tmp_path):
+def test_every_training_atom_is_scored_by_a_reference_fitted_without_its_fold(tmp_path):
     evaluation, latents, sizes, reference, scores_file = training_run(tmp_path)
     ids = np.array([f"s{i}" for i in range(len(sizes))])
-    held_out = np.isin(ids, reference.calibration_ids)
-    gap = np.isin(ids, reference.gap_ids)
-    assert held_out.sum() >= 2 and not reference.calibration_in_sample
-    bounds = np.cumsum([0, *sizes])
-    fit_atoms = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in np.flatnonzero(~held_out & ~gap)])
-    calibration_atoms = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in np.flatnonzero(held_out)])
-    # the k-NN set is exactly the fit atoms (every one sampled), none of the calibration atoms
-    np.testing.assert_array_equal(reference.seeds[0].sample, latents[0][fit_atoms])
+    fold = np.array([reference.structure_fold[i] for i in ids])
+    assert len(reference.folds) == len(set(fold)) >= 2 and not reference.calibration_in_sample
+    atom_fold = np.repeat(fold, sizes)
     with xr.open_dataset(scores_file) as ds:
-        split = ds["split"].values.astype(str)
-        knn = ds["atom_knn_distance"].values
-    assert set(split[held_out]) == {"calibration"} and set(split[~held_out & ~gap]) == {"fit"}
-    assert set(split[gap]) <= {"gap"}
-    # brute force: distance to the nearest fit atom, per seed, averaged
-    expected = np.mean([
-        NearestNeighbors(n_neighbors=1).fit(latents[s][fit_atoms]).kneighbors(latents[s][calibration_atoms])[0][:, 0]
-        for s in range(2)
-    ], axis=0)
-    np.testing.assert_allclose(knn[calibration_atoms], expected, rtol=1e-9)
-    assert (knn[calibration_atoms] > 0).all()  # no self-match
-    assert knn[fit_atoms].max() == 0.0 < knn[calibration_atoms].min()  # in-sample atoms find themselves
+        assert set(ds["split"].values.astype(str)) == {"out-of-fold"}
+        np.testing.assert_array_equal(ds["fold"].values, fold)
+        knn, mahalanobis = ds["atom_knn_distance"].values, ds["atom_mahalanobis"].values
+    # brute force, per fold: distance to the nearest atom of the other folds (every atom sampled), and
+    # Mahalanobis against a covariance refitted on them (numpy), per seed, averaged
+    for k in sorted(set(fold)):
+        mine, rest = atom_fold == k, atom_fold != k
+        expected_knn = np.mean([NearestNeighbors(n_neighbors=1).fit(latents[s][rest]).kneighbors(
+            latents[s][mine])[0][:, 0] for s in range(2)], axis=0)
+        np.testing.assert_allclose(knn[mine], expected_knn, rtol=1e-9)
+        expected_mahalanobis = []
+        for s in range(2):
+            mean, cov = latents[s][rest].mean(axis=0), np.cov(latents[s][rest], rowvar=False)
+            precision = np.linalg.inv(cov + 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+            centred = latents[s][mine] - mean
+            expected_mahalanobis.append(np.sqrt(np.einsum("ij,jk,ik->i", centred, precision, centred)))
+        np.testing.assert_allclose(mahalanobis[mine], np.mean(expected_mahalanobis, axis=0), rtol=1e-8)
+    assert (knn > 0).all()  # no atom finds itself
 
 
 def test_per_structure_max_and_descriptor_against_loops(tmp_path):

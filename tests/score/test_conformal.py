@@ -17,64 +17,71 @@ from mace_ood.score.conformal import (
     delivered_rate,
     effective_alpha,
     group_own_counts,
+    group_pvalue,
+    group_threshold,
     sidak_log_pvalue,
 )
-from mace_ood.score.reference import split_structures
+from mace_ood.score.reference import (
+    assign_folds,
+    fold_references,
+    procrustes_rotation,
+    ridge_precision,
+)
 
 
-def trajectories(lengths: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    files = np.array([name for name, n in lengths.items() for _ in range(n)])
-    frames = np.array([i for n in lengths.values() for i in range(n)])
-    return files, frames
+def test_the_group_pvalue_is_the_average_rank_over_one_frame_per_run():
+    """Reference: every way of drawing one frame from each run, the plain conformal p-value of each
+    draw (itertools, brute force), averaged."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 3, 4, 2]
+    calibration = np.round(rng.normal(size=sum(sizes)), 1)  # ties on purpose
+    groups = np.repeat([f"run{g}" for g in range(len(sizes))], sizes)
+    queries = np.r_[calibration, -9.0, 9.0, 0.05]
+    runs = [calibration[groups == f"run{g}"] for g in range(len(sizes))]
+    draws = list(itertools.product(*runs))
+    expected = [np.mean([(1 + sum(v >= q for v in draw)) / (len(sizes) + 1) for draw in draws]) for q in queries]
+    np.testing.assert_allclose(group_pvalue(queries, calibration, groups), expected, rtol=1e-12)
+    assert group_pvalue(np.array([9.0]), calibration, groups)[0] == pytest.approx(1 / 5)  # the floor: 1 / (G + 1)
+    # a calibration structure leaves its own run out: the average over draws from the other runs
+    own_ge, own_n = group_own_counts(calibration, groups, np.ones(len(calibration), dtype=bool))
+    own = group_pvalue(calibration, calibration, groups, own_ge, own_n)
+    for i, (q, g) in enumerate(zip(calibration, groups, strict=True)):
+        others = [r for k, r in enumerate(runs) if f"run{k}" != g]
+        ranks = [(1 + sum(v >= q for v in draw)) / len(sizes) for draw in itertools.product(*others)]
+        assert own[i] == pytest.approx(np.mean(ranks), rel=1e-12)
+    assert group_threshold(calibration, groups, 0.01) == calibration.max()  # 4 runs: above every one
 
 
-def test_neighbouring_frames_of_a_trajectory_never_straddle_fit_and_calibration():
-    """Regression: b37067b split at random by frame, so calibration frames were MD neighbours of fit frames."""
-    files, frames = trajectories({"md_300K.extxyz": 95, "md_600K.extxyz": 60, "md_900K.extxyz": 37,
-                                  **{f"relaxed_{i}.cif": 1 for i in range(20)}})
-    shares = []
-    for seed in range(40):
-        side = split_structures(files, frames, 0.2, seed, block_frames=10, gap_frames=1)
-        assert set(side) <= {"fit", "calibration", "gap"} and (side == "calibration").sum() >= 1
-        shares.append(np.mean(side == "calibration"))
-        for name in set(files):
-            order = np.argsort(frames[files == name])
-            mine, blocks = side[files == name][order], frames[files == name][order] // 10
-            for a, b in zip(mine[:-1], mine[1:], strict=True):
-                assert {a, b} != {"fit", "calibration"}, (name, seed)
-            for block in set(blocks):  # a block is never split between fit and calibration
-                assert not {"fit", "calibration"} <= set(mine[blocks == block])
-    assert 0.15 < np.mean(shares) < 0.25  # each group held out with probability 0.2; few groups, wide spread
-    assert not np.array_equal(split_structures(files, frames, 0.2, 0), split_structures(files, frames, 0.2, 1))
-    assert (split_structures(*trajectories({"a.xyz": 9}), 0.2, 0) == "fit").all()  # too few: in-sample
+def test_fold_statistics_equal_a_refit_without_the_fold():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(3, 300, 5)) * rng.uniform(0.5, 2, (3, 1, 5)) + 10.0  # an offset, as latents have
+    fold = rng.integers(0, 4, 300)
+    folds = fold_references(samples, fold, 4, ridge=1e-3)
+    for k in range(4):
+        rest = samples[:, fold != k]
+        centred0 = rest[0] - rest[0].mean(axis=0)
+        for s in range(3):
+            mean, precision = ridge_precision(rest[s], 1e-3)
+            np.testing.assert_allclose(folds[k].seeds[s].mean, mean, rtol=1e-12)
+            np.testing.assert_allclose(folds[k].seeds[s].precision, precision, rtol=1e-8)
+            np.testing.assert_allclose(folds[k].seeds[s].rotation, procrustes_rotation(rest[s] - mean, centred0),
+                                       atol=1e-9)
 
 
-def test_the_split_is_stable_when_data_is_appended():
-    files, frames = trajectories({"md_a.extxyz": 40, "md_b.extxyz": 40, "md_c.extxyz": 33})
-    before = split_structures(files, frames, 0.25, 0)
-    more_files, more_frames = trajectories({"md_a.extxyz": 40, "md_b.extxyz": 40, "md_c.extxyz": 61,
-                                            "md_d.extxyz": 50, "new.cif": 1})
-    order = np.random.default_rng(0).permutation(len(more_files))  # appended data may come in any order
-    after = split_structures(more_files[order], more_frames[order], 0.25, 0)
-    new = {(f, int(i)): s for f, i, s in zip(more_files[order], more_frames[order], after, strict=True)}
-    assert (before == "calibration").any() and (before == "gap").any()
-    for f, i, side in zip(files, frames, before, strict=True):  # calibration stays; fit may only become gap
-        assert (side == "calibration") == (new[f, int(i)] == "calibration"), (f, i)
-        assert side != "gap" or new[f, int(i)] == "gap", (f, i)
+def test_folds_hold_whole_runs_one_run_each_when_few_and_do_not_move_when_rows_do():
+    few = np.repeat(["a#run0", "a#run1", "b#run0"], [30, 30, 5])
+    folds = assign_folds(few, 10)
+    assert sorted(set(folds)) == [0, 1, 2] and all(len(set(folds[few == g])) == 1 for g in set(few))
+    many = np.repeat([f"md.xyz#run{i}" for i in range(35)], 4)
+    folds = assign_folds(many, 10)
+    assert (np.bincount(folds) // 4).tolist() == [4] * 5 + [3] * 5  # balanced in runs (4 frames each)
+    order = np.random.default_rng(0).permutation(len(many))
+    np.testing.assert_array_equal(assign_folds(many[order], 10), folds[order])
 
 
-def test_at_least_two_calibration_groups_or_none():
-    """Regression (the demo, MACE_T2): the hash held out one group of 10 frames; leaving its own
-    group out, each calibration structure had nothing to be compared with, got p = 1, and every
-    structure above 0 was flagged (112 of 122)."""
-    def groups_held(n_files: int, fraction: float) -> int:
-        files = np.repeat([f"/d/run{i}.extxyz" for i in range(n_files)], 10)
-        side = split_structures(files, np.tile(np.arange(10), n_files), fraction, seed=0)
-        return len(set(files[side == "calibration"]))
-
-    assert groups_held(6, 0.001) == 2  # the hash alone would hold out none
-    assert groups_held(3, 0.999) == 2  # all but one
-    assert groups_held(2, 0.5) == 0  # two groups: in-sample, said so
+def test_a_calibration_structure_alone_in_the_pool_has_no_pvalue():
     pool = Pool.of(np.arange(20.0))
     assert np.isnan(pool.log_pvalue(np.array([5.0]), np.array([20]), np.array([20]))[0])
 

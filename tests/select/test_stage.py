@@ -23,7 +23,7 @@ from tests.synthetic import synthetic_latent_files
 @pytest.fixture(scope="module")
 def selected_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
-    scores = ScoresConfig(gmm_components=[1], split_block_frames=1, split_gap_frames=0)
+    scores = ScoresConfig(gmm_components=[1], split_block_frames=1)
     train_paths, _, _ = synthetic_latent_files(root / "latents" / "D", n_seeds=2, sizes=(5, 7, 3) * 6, seed=0)
     new_paths, _, _ = synthetic_latent_files(root / "latents" / "N", n_seeds=2, sizes=(4, 9, 6) * 4, seed=1)
     own = EvaluationPlan("F", "D", True, tuple(str(p) for p in train_paths))
@@ -40,10 +40,12 @@ def test_pvalues_and_flags_written_are_the_conformal_count(selected_run):
     root, own, new, select, records = selected_run
     assert [r["label"] for r in records] == [own.label, new.label]
     training, decided = read_selection(root, own.label), read_selection(root, new.label)
-    calibration = training.loc[training["split"] == "calibration", "mahalanobis"].to_numpy()
-    assert len(calibration) >= 2
-    # independent reference: p = (1 + #calibration >= x) / (n + 1), by a loop
-    expected = [(1 + sum(c >= x for c in calibration)) / (len(calibration) + 1) for x in decided["mahalanobis"]]
+    own_rows = training[training["split"] == "out-of-fold"]
+    calibration = own_rows["mahalanobis"].to_numpy()
+    runs = [own_rows.loc[own_rows["group"] == g, "mahalanobis"].to_numpy() for g in own_rows["group"].unique()]
+    assert len(calibration) == len(training) and len(runs) >= 2
+    # independent reference: each run counted once, p = (1 + sum over runs of its share >= x) / (G + 1), by a loop
+    expected = [(1 + sum(np.mean(run >= x) for run in runs)) / (len(runs) + 1) for x in decided["mahalanobis"]]
     np.testing.assert_allclose(decided["mahalanobis_pvalue"], expected, rtol=1e-12)
     assert list(decided["ood"]) == [p <= select.alpha + 1e-12 for p in expected]
     assert list(decided["rank"]) == list(range(1, len(decided) + 1))
@@ -53,7 +55,7 @@ def test_pvalues_and_flags_written_are_the_conformal_count(selected_run):
     assert (picks["nearest_training_id"].isin(training["structure_id"])).all()
     summary = read_selection_summary(root, new.label)
     assert summary["n_ood"] == int(decided["ood"].sum()) and summary["n_selected"] == len(picks)
-    assert summary["n_calibration"] == len(calibration)
+    assert summary["n_calibration"] == len(calibration) and summary["n_groups"] == len(runs)
 
 
 def test_decisions_read_back_exactly(tmp_path):
