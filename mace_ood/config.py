@@ -112,6 +112,12 @@ class SelectConfig(_Strict):
         description="diverse: how much the score weighs against novelty (0: pure farthest-point; "
         "1: distance times the score's rank fraction).",
     )
+    density_weight: float = Field(
+        0.0, ge=0,
+        description="diverse: exponent of the candidate's local density in its priority (information density). 0 by "
+        "default: it multiplies an isolated candidate (one interstitial among many hot frames) by its tiny density, "
+        "and such a kind was never picked (tests/select/test_defects.py).",
+    )
     trust_max: float | None = Field(
         None,
         description="diverse: candidates whose ranking score is above this are dropped as broken geometries "

@@ -28,9 +28,10 @@ Per atom, for S seeds with latents z_s (F channels):
 Per structure: ``<score>`` is the mean over its atoms of each per-atom score and
 ``<score>_max`` the max (a vacancy or a surface is a few unusual atoms among many);
 ``force_deviation_mean``/``_max`` likewise; ``energy_std_per_atom`` is the std over seeds
-of E_s / n_atoms. ``descriptor`` (structure, 2F) is the structure's mean aligned latent
-(seed-averaged, in seed 0's frame) followed by the aligned latent of its atom with the highest
-``mahalanobis``: what the diverse selection measures distances in.
+of E_s / n_atoms. ``descriptor`` (structure, F) is the mean aligned latent (seed-averaged, in
+seed 0's frame, whitened by seed 0's reference precision) of the structure's novel atoms, those whose ``mahalanobis`` is above the training
+atoms' 99th percentile, or of its most novel atom where none is (:func:`novel_environment`):
+what the diverse selection measures distances in.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def units_of(name: str) -> str | None:
 
 def _reference_block(block: np.ndarray, reference: FamilyReference, device: str = "cpu") -> np.ndarray:
     """(S, n, F) latents -> (n, 4 + F): aligned variance, Mahalanobis, k-NN, GMM NLL, then the seed
-    average of the aligned latents (z_s - mu_s) Q_s (the descriptor's rows): one alignment for both."""
+    average of the aligned latents (z_s - mu_s) Q_s, whitened (:func:`whitening`): the descriptor's
+    rows, one alignment for both."""
     block = np.asarray(block, dtype=np.float64)
     aligned = np.stack([(z - ref.mean) @ ref.rotation for z, ref in zip(block, reference.seeds, strict=True)])
     out = np.empty((block.shape[1], len(REFERENCE_SCORES) + block.shape[2]))
@@ -86,8 +88,15 @@ def _reference_block(block: np.ndarray, reference: FamilyReference, device: str 
         out[:, 3] = np.mean([-r.gmm.score_samples(z) for z, r in zip(block, reference.seeds, strict=True)], axis=0)
     else:
         out[:, 3] = np.nan
-    out[:, len(REFERENCE_SCORES):] = aligned.mean(axis=0)
+    out[:, len(REFERENCE_SCORES):] = aligned.mean(axis=0) @ whitening(reference)
     return out
+
+
+def whitening(reference: FamilyReference) -> np.ndarray:
+    """W with W W^T = seed 0's precision: distances between rows x W are Mahalanobis distances in seed
+    0's frame, the metric that found the atoms novel (raw latent distances are set by the channels
+    thermal motion moves most, and put an atom displaced by 0.9 A next to the hottest training atoms)."""
+    return np.linalg.cholesky(reference.seeds[0].precision)
 
 
 def _llpr_block(latent: np.ndarray, layers: np.ndarray | None, llpr: list) -> np.ndarray:
@@ -210,6 +219,24 @@ def blockwise_row_of_structure_max(
     return da.from_delayed(result, shape=(len(n_atoms), per_atom_rows.shape[1]), dtype=np.float64)
 
 
+def novel_environment(aligned: da.Array, mahalanobis: da.Array, threshold: float, atom_offset: np.ndarray,
+                      n_atoms: np.ndarray) -> da.Array:
+    """Per structure, the mean aligned latent of its novel atoms (Mahalanobis above ``threshold``),
+    or of its most novel atom where none is: the environments that make it new, lazily.
+
+    The diverse selection measures distances here. The structure's mean hid a defect (a vacancy
+    barely moves the mean of 32 atoms), and one atom of a hot cell is a random thermal draw, so hot
+    frames were all far from each other and took the batch; the mean over the novel atoms is the
+    hot environment for every hot frame and the defect's neighbourhood for a defect."""
+    novel = (mahalanobis > threshold).astype(np.float64)[:, None]
+    both = da.concatenate([aligned * novel, novel], axis=1).rechunk({1: -1})
+    sums = blockwise_structure_mean(both, atom_offset, n_atoms)
+    width = aligned.shape[1]
+    count = sums[:, width:]
+    mean = sums[:, :width] / da.where(count > 0, count, 1.0)
+    return da.where(count > 0, mean, blockwise_row_of_structure_max(mahalanobis, aligned, n_atoms))
+
+
 def lazy_structure_max(per_atom: xr.DataArray, atom_offset: np.ndarray, n_atoms: np.ndarray) -> xr.DataArray:
     """Max of a 1-D per-atom array over each structure, lazily (one chunk of 8 bytes per atom)."""
     one_chunk = per_atom.data.rechunk(-1)
@@ -231,7 +258,7 @@ def _fold_reference_block(block: np.ndarray, atom_fold: np.ndarray, reference: F
     # the descriptor stays in the family's frame (the one new data are aligned to), not the fold's
     out[:, len(REFERENCE_SCORES):] = np.mean(
         [(np.asarray(z, dtype=np.float64) - r.mean) @ r.rotation for z, r in zip(block, reference.seeds, strict=True)],
-        axis=0)
+        axis=0) @ whitening(reference)
     return out
 
 
@@ -278,13 +305,10 @@ def _compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devi
         for i, name in enumerate(REFERENCE_SCORES):
             if committee or name != "aligned_latent_variance":
                 per_atom[name] = xr.DataArray(blocks[:, i], dims=("atom",))
-        aligned_mean = blocks[:, len(REFERENCE_SCORES):]
-        # the mean alone hides a defect (one unusual atom of 32 barely moves it): the most unusual
-        # atom's own latent stands beside it, so a vacancy cell is far from a bulk one
-        out["descriptor"] = xr.DataArray(da.concatenate([
-            blockwise_structure_mean(aligned_mean, offsets, counts),
-            blockwise_row_of_structure_max(per_atom["mahalanobis"].data, aligned_mean, counts),
-        ], axis=1), dims=("structure", "descriptor_feature"))
+        out["descriptor"] = xr.DataArray(
+            novel_environment(blocks[:, len(REFERENCE_SCORES):], blocks[:, 1],
+                              getattr(reference, "novel_atom_threshold", np.nan), offsets, counts),
+            dims=("structure", "descriptor_feature"))
     llpr = reference.llpr if reference is not None else None
     llpr_parts = llpr_scores(latents, llpr) if llpr else {}
     if llpr_parts:

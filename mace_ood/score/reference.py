@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from mace_ood.files import atomic_path
+from mace_ood.score.kernels import mahalanobis_distance
 
 
 @dataclass
@@ -52,6 +53,7 @@ class FamilyReference:
     gap_ids: list[str] = field(default_factory=list)  # neighbours of calibration frames: in neither part
     calibration_in_sample: bool = False  # too few structures to split: calibrated on fit data
     llpr: list | None = None  # per seed, mace_ood.score.llpr.SeedLLPR; None: the models do not support it
+    novel_atom_threshold: float = float("nan")  # seed-mean Mahalanobis above which an atom is novel (the descriptor)
     folds: list[FoldReference] = field(default_factory=list)
     sample_fold: np.ndarray | None = None  # (R,) the fold of each sampled atom
     structure_fold: dict[str, int] = field(default_factory=dict)  # training structure id -> fold
@@ -151,6 +153,7 @@ def fit_gmm(sample: np.ndarray, components: tuple[int, ...], max_atoms: int, see
     return best
 
 
+NOVEL_ATOM_QUANTILE = 0.99  # of the training atoms' Mahalanobis: above it an atom's environment is new
 MIN_GROUPS_OUT_OF_FOLD = 2  # one group: nothing to hold it out against, calibration is in-sample
 FIT, OUT_OF_FOLD, IN_SAMPLE = "fit", "out-of-fold", "fit+calibration"
 
@@ -248,6 +251,8 @@ def fit_reference(
         seeds, n_reference_atoms=int(n_atoms), knn_k=knn_k,
         settings={"max_atoms": max_atoms, "ridge": ridge, "gmm_components": list(gmm_components), "seed": seed},
     )
+    sample_mahalanobis = np.mean([mahalanobis_distance(s.sample, s.mean, s.precision) for s in seeds], axis=0)
+    reference.novel_atom_threshold = float(np.quantile(sample_mahalanobis, NOVEL_ATOM_QUANTILE))
     if atom_fold is not None:
         reference.sample_fold = np.asarray(atom_fold, dtype=np.int64)[chosen]
         n_folds = int(np.max(atom_fold)) + 1

@@ -53,7 +53,7 @@ def select_structures(
     else:
         picks = select_diverse(
             descriptors[candidates], table[score].to_numpy()[candidates], k, training_descriptors,
-            select.score_weight,
+            select.score_weight, select.density_weight,
         )
         index = candidates[picks.order]
         group = list(picks.group_size)

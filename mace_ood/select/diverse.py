@@ -82,7 +82,7 @@ def select_diverse(
     k: int,
     training: np.ndarray | None = None,
     score_weight: float = 0.5,
-    density_weight: float = 1.0,
+    density_weight: float = 0.0,
     density_k: int = 5,
     density_sample: int = 2000,
 ) -> DiversePicks:

@@ -63,9 +63,14 @@ def test_per_structure_max_and_descriptor_against_loops(tmp_path):
             expected = [per_atom[a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             np.testing.assert_allclose(ds[f"{name}_max"].values, expected, rtol=1e-12)
         aligned = np.mean([(latents[s] - r.mean) @ r.rotation for s, r in enumerate(reference.seeds)], axis=0)
-        mahalanobis = ds["atom_mahalanobis"].values
+        whitened = aligned @ np.linalg.cholesky(reference.seeds[0].precision)
+        # novel atoms: out-of-fold mahalanobis (as a new structure's, by a reference that has not seen it)
+        # above the threshold; the rows are in the family's frame, whitened by its seed 0
+        full = ds["atom_mahalanobis"].values
+        novel = full > reference.novel_atom_threshold
+        assert novel.any() and not novel.all()
         expected = np.stack([
-            np.concatenate([aligned[a:b].mean(axis=0), aligned[a + np.argmax(mahalanobis[a:b])]])
+            whitened[a:b][novel[a:b]].mean(axis=0) if novel[a:b].any() else whitened[a + np.argmax(full[a:b])]
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ])
         # chunks of 5 atoms split most structures: the blockwise max must join their pieces

@@ -73,7 +73,7 @@ def test_greedy_matches_a_brute_force_loop():
         pick = int(np.argmax(priority))
         chosen.append(pick)
         min_d = np.minimum(min_d, cdist(points, points[[pick]])[:, 0])
-    picks = select_diverse(points, scores, k=12, training=training)
+    picks = select_diverse(points, scores, k=12, training=training, density_weight=1.0)
     assert list(picks.order) == chosen
 
 
@@ -115,7 +115,7 @@ def test_a_sparse_broad_family_does_not_take_the_whole_batch():
     points = np.vstack([c + rng.normal(scale=s, size=(30, 3)) for c, s in zip(centres, spreads, strict=True)])
     family = np.repeat(np.arange(4), 30)
     plain = select_diverse(points, np.ones(120), k=30, training=np.zeros((1, 3)), density_weight=0.0)
-    weighted = select_diverse(points, np.ones(120), k=30, training=np.zeros((1, 3)))
+    weighted = select_diverse(points, np.ones(120), k=30, training=np.zeros((1, 3)), density_weight=1.0)
     plain_counts = np.bincount(family[plain.order], minlength=4)
     counts = np.bincount(family[weighted.order], minlength=4)
     assert plain_counts[3] > 15  # farthest-point alone: mostly the broad one
