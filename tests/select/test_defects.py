@@ -13,7 +13,6 @@ defect's is ~0.03 of the median).
 from __future__ import annotations
 
 import ase.io
-import numpy as np
 import pytest
 from ase.build import bulk
 
