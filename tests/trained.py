@@ -123,3 +123,39 @@ def _without_run(atoms: Atoms) -> Atoms:
 
 def model_paths(family: str) -> list[Path]:
     return [MODELS_DIR / f"{family}_seed{k}.model" for k in range(N_SEEDS)]
+
+
+def score_family(root: Path, family: str, frames: list[Atoms], forces: bool = True):
+    """The committed ``family`` scoring its own training file and ``frames`` (as dataset ``new``),
+    Prefect-free: extraction, reference, scores. Returns the two evaluations and their scores files."""
+    from mace_ood.config import ExtractionSettings, ScoresConfig
+    from mace_ood.extract.stream import extract_to_netcdf
+    from mace_ood.records import EvaluationPlan
+    from mace_ood.score.evaluation import fit_family_reference, score_evaluation
+
+    files = {"train": write_training_file(family, root / "data"), "new": root / "data" / "new.extxyz"}
+    ase.io.write(files["new"], frames, format="extxyz")
+    settings = ExtractionSettings(device="cpu", default_dtype="float32", batch_size=8, forces=forces)
+    latent_paths: dict[str, list[str]] = {name: [] for name in files}
+    for name, path in files.items():
+        for seed, model in enumerate(model_paths(family)):
+            out = root / "latents" / name / f"seed-{seed}.nc"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            extract_to_netcdf(str(model), [str(path)], out, settings)
+            latent_paths[name].append(str(out))
+    own = EvaluationPlan(family, "train", True, tuple(latent_paths["train"]))
+    new = EvaluationPlan(family, "new", False, tuple(latent_paths["new"]))
+    reference = fit_family_reference(own, root, ScoresConfig())
+    return own, new, {e.label: score_evaluation(e, root, 4096, reference) for e in (own, new)}
+
+
+def calibrated_tables(own, new, files, select):
+    """:func:`mace_ood.score.calibrate.calibrate_run` of :func:`score_family`'s evaluations: the
+    training and new tables with p-values, ``combined`` and ``ood``."""
+    from mace_ood.score.calibrate import calibrate_run
+    from mace_ood.score.tables import evaluation_table
+
+    tables = {e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, metadata=False)
+              for e in (own, new)}
+    calibrate_run(tables, [own, new], files, select)
+    return tables[own.label], tables[new.label]

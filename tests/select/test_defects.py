@@ -12,19 +12,14 @@ defect's is ~0.03 of the median).
 
 from __future__ import annotations
 
-import ase.io
 import pytest
 from ase.build import bulk
 
-from mace_ood.config import ExtractionSettings, ScoresConfig, SelectConfig
+from mace_ood.config import SelectConfig
 from mace_ood.demo import md_frames
-from mace_ood.extract.stream import extract_to_netcdf
-from mace_ood.records import EvaluationPlan
-from mace_ood.score.calibrate import calibrate_run
-from mace_ood.score.evaluation import fit_family_reference, score_evaluation
-from mace_ood.score.tables import evaluation_table, read_descriptors
+from mace_ood.score.tables import read_descriptors
 from mace_ood.select.batch import select_structures
-from tests.trained import model_paths, write_training_file
+from tests.trained import calibrated_tables, score_family
 
 A = 3.89  # Pd's lattice constant
 
@@ -54,28 +49,11 @@ def pool() -> tuple[list, list[str]]:
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    root = tmp_path_factory.mktemp("defects")
     frames, kinds = pool()
-    files = {"train": write_training_file("Pd", root / "data"), "new": root / "data" / "new.extxyz"}
-    ase.io.write(files["new"], frames, format="extxyz")
-    settings = ExtractionSettings(device="cpu", default_dtype="float32", batch_size=8, forces=True)
-    latent_paths = {name: [] for name in files}
-    for name, path in files.items():
-        for s, model in enumerate(model_paths("Pd")):
-            out = root / "latents" / name / f"seed-{s}.nc"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            extract_to_netcdf(str(model), [str(path)], out, settings)
-            latent_paths[name].append(str(out))
-    own = EvaluationPlan("Pd", "train", True, tuple(latent_paths["train"]))
-    new = EvaluationPlan("Pd", "new", False, tuple(latent_paths["new"]))
-    reference = fit_family_reference(own, root, ScoresConfig())
-    files = {e.label: score_evaluation(e, root, 4096, reference) for e in (own, new)}
-    tables = {e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, metadata=False)
-              for e in (own, new)}
-    calibrate_run(tables, [own, new], files, SelectConfig())
-    table = tables[new.label]
+    own, new, files = score_family(tmp_path_factory.mktemp("defects"), "Pd", frames)
+    training, table = calibrated_tables(own, new, files, SelectConfig())
     table["kind"] = kinds
-    return table, read_descriptors(files[new.label]), tables[own.label], read_descriptors(files[own.label])
+    return table, read_descriptors(files[new.label]), training, read_descriptors(files[own.label])
 
 
 def test_every_kind_of_flagged_novelty_is_in_a_batch_of_as_many(scored):
