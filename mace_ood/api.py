@@ -35,7 +35,7 @@ from mace_ood.records import EvaluationPlan
 from mace_ood.report.tables import order_columns
 from mace_ood.score.calibrate import add_percentiles, training_atom_calibration
 from mace_ood.score.compute import compute_scores
-from mace_ood.score.errors import ErrorModel
+from mace_ood.score.errors import ErrorModel, add_predicted_errors
 from mace_ood.score.reference import FamilyReference
 from mace_ood.score.tables import evaluation_table, rank_table, table_from_scores
 from mace_ood.select.table import read_selection, read_selection_summary
@@ -165,10 +165,7 @@ class Run:
         table = rank_table(tables[new.label], self.config.select.score)
         error_model = self._error_model(family)
         if error_model is not None:  # the run's predicted force error, fitted on the family's validation set
-            values = table[error_model.score].to_numpy(dtype=float)
-            table["predicted_force_rmse"] = error_model.predict(values)
-            table["force_rmse_upper"] = error_model.upper(values)
-            table["error_extrapolated"] = values > error_model.thresholds_x[-1]
+            add_predicted_errors(table, error_model)
         return order_columns(table, self.config.select.score), latents, scores
 
     def _error_model(self, family: str) -> ErrorModel | None:

@@ -84,16 +84,17 @@ def _strained(atoms: Atoms, strain: float) -> Atoms:
 
 
 def make_datasets(data_dir: Path) -> dict[str, list[Path]]:
-    """Write the T1, T1_test and T2 files (extxyz + a few CIF/POSCAR); returns dataset -> files.
+    """Write the T1, T1_test, T1_valid and T2 files (extxyz + a few CIF/POSCAR); returns dataset -> files.
 
     T1_test is drawn like T1 (same strains and temperature, other MD seeds) and never trained
-    on: the honest in-distribution class of `mace-ood evaluate`.
+    on: the honest in-distribution class of `mace-ood evaluate`. T1_valid, drawn alike (6 runs),
+    is where the predicted force error is fitted, so T1_test measures its coverage.
     """
     cu = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
-    t1, t1_test, t2 = data_dir / "T1", data_dir / "T1_test", data_dir / "T2"
-    for folder in (t1, t1_test, t2):
+    t1, t1_test, t1_valid, t2 = data_dir / "T1", data_dir / "T1_test", data_dir / "T1_valid", data_dir / "T2"
+    for folder in (t1, t1_test, t1_valid, t2):
         folder.mkdir(parents=True, exist_ok=True)
-    files: dict[str, list[Path]] = {"T1": [], "T1_test": [], "T2": []}
+    files: dict[str, list[Path]] = {"T1": [], "T1_test": [], "T1_valid": [], "T2": []}
     for seed, strain in enumerate((-0.01, 0.0, 0.01)):
         label = f"{round(strain * 100):+d}pct"
         path = t1 / f"md_Cu32_T300K_strain{label}.extxyz"
@@ -102,6 +103,11 @@ def make_datasets(data_dir: Path) -> dict[str, list[Path]]:
         path = t1_test / f"md_Cu32_T300K_strain{label}_test.extxyz"
         ase.io.write(path, md_frames(_strained(cu, strain), 300, seed=20 + seed, n_frames=TEST_FRAMES), format="extxyz")
         files["T1_test"].append(path)
+        for run in range(2):  # 6 validation runs, two per strain: what the force-error bound is calibrated over
+            path = t1_valid / f"md_Cu32_T300K_strain{label}_valid{run}.extxyz"
+            ase.io.write(path, md_frames(_strained(cu, strain), 300, seed=40 + 2 * seed + run, n_frames=TEST_FRAMES),
+                         format="extxyz")
+            files["T1_valid"].append(path)
     vacancy = cu.copy()
     del vacancy[0]
     slab = fcc111("Cu", size=(3, 3, 4), a=3.61, vacuum=7.0, periodic=True)
@@ -185,19 +191,20 @@ forces: true              # store each seed's forces too: force-deviation scores
 datasets:
   T1: ["data/T1/*.extxyz"]
   T1_test: ["data/T1_test/*.extxyz"]   # drawn like T1, never trained on
+  T1_valid: ["data/T1_valid/*.extxyz"] # drawn like T1 too: the force-error model is fitted there
   T2: ["data/T2/*.extxyz", "data/T2/*.cif", "data/T2/*.vasp"]
 model_families:
   MACE_T1:
     trained_on: T1
     models: [{", ".join(f'"{p}"' for p in models["T1"])}]
-    validation: T1_test     # labelled, never trained on: the predicted force error in eV/A is fitted there
+    validation: T1_valid    # labelled, never trained on: the predicted force error in eV/A is fitted there
   MACE_T2:
     trained_on: T2
     models: [{", ".join(f'"{p}"' for p in models["T2"])}]
   MACE_T1_1model:         # one of MACE_T1's seeds alone: a family of one model, as a fine-tuned model is
     trained_on: T1
     models: ["{models["T1"][0]}"]
-    validation: T1_test
+    validation: T1_valid
 evaluations:              # T2's MD contains 300 K bulk: T1 is not new to MACE_T2
   - {{family: MACE_T1, dataset: T2}}
   - {{family: MACE_T1, dataset: T1_test}}

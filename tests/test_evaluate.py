@@ -164,8 +164,8 @@ def test_labels_of_structures_in_no_evaluation_are_refused(tmp_path):
 
 def test_predicted_force_error_is_fitted_on_the_validation_set_and_its_coverage_reported(tmp_path, tiny_models):
     """D1 (reference forces, never trained on) as the family's validation set: every structure gets
-    the isotonic prediction and its conformal bound, and evaluate counts the bound's coverage on the
-    structures the map was not fitted on."""
+    the power-law prediction, its conformal bound inside the validation range and a lower bound
+    beyond it; evaluate counts the bound's coverage on the structures the model was not fitted on."""
     from mace_ood.config import SelectConfig
     from mace_ood.evaluate import evaluate_run, evaluation_data
     from mace_ood.select.table import read_selection, read_selection_summary
@@ -173,15 +173,20 @@ def test_predicted_force_error_is_fitted_on_the_validation_set_and_its_coverage_
     forces_run(tmp_path, tiny_models, validation={"F": "D1"}, select=SelectConfig(error_level=0.5))
     d1, d0 = read_selection(tmp_path, "F__D1"), read_selection(tmp_path, "F__D0")
     model = read_selection_summary(tmp_path, "F__D0")["error_model"]
-    assert model["n_fit"] == int(d1["error_fit"].sum()) and model["n_calibration"] == 8 - model["n_fit"]
+    assert model["score"] == "force_deviation_mean" and model["n_structures"] == int(d1["error_fit"].sum()) == 8
     for table in (d0, d1):
-        ordered = table.sort_values("combined")
-        assert ordered["predicted_force_rmse"].is_monotonic_increasing  # isotonic in the ranking score
-        np.testing.assert_allclose(table["force_rmse_upper"] - table["predicted_force_rmse"], model["margin"])
+        ordered = table.sort_values("force_deviation_mean")
+        assert ordered["predicted_force_rmse"].is_monotonic_increasing  # the power law keeps its input's order
+        inside = ~table["force_rmse_is_lower_bound"].astype(bool)
+        assert (table["force_deviation_mean"][inside] <= model["largest_input"]).all()
+        np.testing.assert_allclose(table["force_rmse_upper"][inside], model["factor"] * table["predicted_force_rmse"][inside])
+        assert table["force_rmse_upper"][~inside].isna().all()
+    assert d1["error_fit"].all()  # every labelled validation structure serves both the map and the bound
     data = evaluation_data(tmp_path)
-    usable = data[~data["error_fit"].fillna(False).astype(bool) & data["force_rmse"].notna()]
+    usable = data[~data["error_fit"].fillna(False).astype(bool) & data["force_rmse"].notna()
+                  & data["force_rmse_upper"].notna()]
     covered = usable["force_rmse"] <= usable["force_rmse_upper"]
     note = evaluate_run(tmp_path, n_resamples=10).attrs["error_note"]
     for dataset, part in covered.groupby(usable["dataset"]):
-        assert f"F on {dataset}: {int(part.sum())} of {len(part)}" in note
-    assert "F on D1: " in note and f"of {8 - model['n_fit']} " in note
+        assert f"F on {dataset}: upper bound covers {int(part.sum())} of {len(part)}" in note
+    assert "F on D1: upper bound" not in note  # the validation set itself is not counted

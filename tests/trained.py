@@ -125,16 +125,20 @@ def model_paths(family: str) -> list[Path]:
     return [MODELS_DIR / f"{family}_seed{k}.model" for k in range(N_SEEDS)]
 
 
-def score_family(root: Path, family: str, frames: list[Atoms], forces: bool = True):
-    """The committed ``family`` scoring its own training file and ``frames`` (as dataset ``new``),
-    Prefect-free: extraction, reference, scores. Returns the two evaluations and their scores files."""
+def score_family(root: Path, family: str, frames: list[Atoms] | dict[str, list[Atoms]], forces: bool = True):
+    """The committed ``family`` scoring its own training file and ``frames`` (dataset ``new``, or
+    several datasets by name), Prefect-free: extraction, reference, scores. Returns the training
+    set's evaluation, the other one (or a dict of them) and every evaluation's scores file by label."""
     from mace_ood.config import ExtractionSettings, ScoresConfig
     from mace_ood.extract.stream import extract_to_netcdf
     from mace_ood.records import EvaluationPlan
     from mace_ood.score.evaluation import fit_family_reference, score_evaluation
 
-    files = {"train": write_training_file(family, root / "data"), "new": root / "data" / "new.extxyz"}
-    ase.io.write(files["new"], frames, format="extxyz")
+    datasets = frames if isinstance(frames, dict) else {"new": frames}
+    files = {"train": write_training_file(family, root / "data")}
+    for name, structures in datasets.items():
+        files[name] = root / "data" / f"{name}.extxyz"
+        ase.io.write(files[name], structures, format="extxyz")
     settings = ExtractionSettings(device="cpu", default_dtype="float32", batch_size=8, forces=forces)
     latent_paths: dict[str, list[str]] = {name: [] for name in files}
     for name, path in files.items():
@@ -144,9 +148,10 @@ def score_family(root: Path, family: str, frames: list[Atoms], forces: bool = Tr
             extract_to_netcdf(str(model), [str(path)], out, settings)
             latent_paths[name].append(str(out))
     own = EvaluationPlan(family, "train", True, tuple(latent_paths["train"]))
-    new = EvaluationPlan(family, "new", False, tuple(latent_paths["new"]))
+    others = {name: EvaluationPlan(family, name, False, tuple(latent_paths[name])) for name in datasets}
     reference = fit_family_reference(own, root, ScoresConfig())
-    return own, new, {e.label: score_evaluation(e, root, 4096, reference) for e in (own, new)}
+    scored = {e.label: score_evaluation(e, root, 4096, reference) for e in (own, *others.values())}
+    return own, (others if isinstance(frames, dict) else others["new"]), scored
 
 
 def calibrated_tables(own, new, files, select):

@@ -120,12 +120,20 @@ def build_report(
         "top": {
             label: frame.head(5)[["selected", "rank", score, f"{score}_pvalue", "ood", "structure_id", "formula",
                                   "n_atoms", "group_size", "nearest_training_id",
-                                  *[c for c in ("predicted_force_rmse", "force_rmse_upper", "error_extrapolated")
+                                  *[c for c in ("predicted_force_rmse", "force_rmse_upper", "force_rmse_is_lower_bound")
                                     if c in frame.columns]]]
             .rename(columns={score: "score", f"{score}_pvalue": "pvalue"}).to_dict(orient="records")
             for label, frame in selected.items()
         },
     }
+
+
+def format_force_rmse(row: dict) -> str:
+    """``0.052 (<= 0.110)`` inside the validation range, ``>= 0.140`` beyond it (a lower bound)."""
+    if row.get("force_rmse_is_lower_bound"):
+        return f">= {row['predicted_force_rmse']:.3f}"
+    upper = row.get("force_rmse_upper")
+    return f"{row['predicted_force_rmse']:.3f}" + (f" (<= {upper:.3f})" if pd.notna(upper) else "")
 
 
 def format_summary(result: ReportResult) -> str:
@@ -150,14 +158,12 @@ def format_summary(result: ReportResult) -> str:
         if row.get("selection_note"):
             lines.append(f"  note: {row['selection_note']}")
         if isinstance(row.get("error_note"), str) and row["error_note"]:
-            lines.append(f"  {row['error_note']}; >= marks a score beyond every validation structure's (a floor)")
+            lines.append(f"  {row['error_note']}")
         errors = any("predicted_force_rmse" in top for top in result["top"][row["evaluation"]])
         lines.append(f"  {'pick':>4}  {'rank':>4}  {row['score']:>15}  {'p':>7}  {'n_atoms':>7}  "
                      + ("F-RMSE eV/A (bound)  " if errors else "") + "structure")
         for top in result["top"][row["evaluation"]]:
-            floor = ">=" if top.get("error_extrapolated") else "  "  # beyond the validation scores: a floor
-            error = (f"{floor}{top['predicted_force_rmse']:>6.3f} ({top['force_rmse_upper']:>6.3f})     "
-                     if errors else "")
+            error = f"{format_force_rmse(top):<20} " if errors else ""
             lines.append(
                 f"  {top['selected']:>4}  {top['rank']:>4}  {top['score']:>15.4e}  {top['pvalue']:>7.3f}  "
                 f"{top['n_atoms']:>7}  {error}{top['structure_id']} ({top['formula']})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mace_ood.files import atomic_path
@@ -23,6 +24,9 @@ def sheet_name(text: str, taken: set[str]) -> str:
 
 SCORE_FORMAT = "0.00E+00"  # 3 significant digits
 PERCENTILE_FORMAT = "0.0"
+
+
+LOWER_BOUND_FORMAT = '"≥ "0.000'
 
 
 def column_number_format(column: str) -> str | None:
@@ -68,6 +72,12 @@ def write_excel(
             if number_format:
                 for (cell,) in sheet.iter_rows(min_row=2, min_col=index, max_col=index, max_row=len(frame) + 1):
                     cell.number_format = number_format
+        if {"predicted_force_rmse", "force_rmse_is_lower_bound"} <= set(frame.columns):
+            # beyond the validation range the predicted error is a floor: shown as ">= 0.140", still a number
+            index = list(frame.columns).index("predicted_force_rmse") + 1
+            floors = frame["force_rmse_is_lower_bound"].fillna(False).astype(bool).to_numpy()
+            for row in np.flatnonzero(floors):
+                sheet.cell(row=int(row) + 2, column=index).number_format = LOWER_BOUND_FORMAT
 
     taken: set[str] = set()
     with atomic_path(path) as tmp:

@@ -30,6 +30,8 @@ def pick_tags(row: dict, score: str) -> dict:
     for name in ("predicted_force_rmse", "force_rmse_upper"):
         if name in row and pd.notna(row[name]):
             tags[name] = float(row[name])
+    if "force_rmse_is_lower_bound" in row and pd.notna(row["force_rmse_is_lower_bound"]):
+        tags["force_rmse_is_lower_bound"] = bool(row["force_rmse_is_lower_bound"])
     if row.get("nearest_training_id"):
         tags["nearest_training_id"] = str(row["nearest_training_id"])
         tags["nearest_training_distance"] = float(row["nearest_training_distance"])

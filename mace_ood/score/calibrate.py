@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from mace_ood.config import SelectConfig
+from mace_ood.config import ScoresConfig, SelectConfig
 from mace_ood.records import EvaluationPlan
 from mace_ood.score.compute import ALL_SCORES, COMBINED_SCORE
 from mace_ood.score.conformal import (
@@ -224,6 +224,24 @@ def _flag_statistic(table: pd.DataFrame, score: str, calibration_rows: pd.DataFr
     if atoms is not None and score.endswith("_max"):
         return -component_log_pvalues(table, score, calibration_rows, own_rows, atoms, block_frames)
     return table[score].to_numpy(dtype=float)
+
+
+def groups_of_scores(scores_file: str | Path, scores: ScoresConfig):
+    """:func:`mace_ood.runs.find_groups` of a scores file's structures (its runs, by ``scores.group_by``)."""
+    from mace_ood.runs import find_groups
+
+    with xr.open_dataset(scores_file, engine="netcdf4") as ds:
+        fields = {name: ds[name].values for name in ("source_file", "frame_index", "n_atoms", "formula", "info_json")
+                  if name in ds}
+    return find_groups(fields["source_file"].astype(str), fields["frame_index"], scores.group_by,
+                       scores.split_block_frames, fields.get("n_atoms"),
+                       fields["formula"].astype(str) if "formula" in fields else None,
+                       fields["info_json"].astype(str) if "info_json" in fields else None)
+
+
+def grouping_ids(scores_file: str | Path) -> np.ndarray:
+    with xr.open_dataset(scores_file, engine="netcdf4") as ds:
+        return ds["structure_id"].values.astype(str)
 
 
 def alpha_note(family: str, delivered: dict) -> str:

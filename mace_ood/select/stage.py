@@ -19,10 +19,16 @@ from mace_ood.extract.devices import worker_label
 from mace_ood.paths import scores_path, top_dir
 from mace_ood.records import EvaluationPlan, EvaluationSummary, SelectionResult
 from mace_ood.runtime import hdf5_in_this_thread
-from mace_ood.score.calibrate import alpha_note, calibrate_run, structure_groups
+from mace_ood.score.calibrate import (
+    alpha_note,
+    calibrate_run,
+    grouping_ids,
+    groups_of_scores,
+    structure_groups,
+)
 from mace_ood.score.compute import COMBINED_SCORE, FORCE_SCORES
 from mace_ood.score.conformal import group_threshold
-from mace_ood.score.errors import ErrorModel, fit_error_model, force_errors, split_halves
+from mace_ood.score.errors import ErrorModel, add_predicted_errors, fit_error_model, force_errors
 from mace_ood.score.reference import calibration_mask
 from mace_ood.score.tables import evaluation_table, rank_table, read_descriptors
 from mace_ood.select.batch import select_structures
@@ -66,16 +72,12 @@ def select_evaluation(
     error_model = None
     if validation is not None:
         error_model, fitted_ids = fit_validation_errors(
-            tables[validation.label], files[validation.label], score, select.error_level, forces_key,
-            scores.split_block_frames, validation.dataset,
+            tables[validation.label], files[validation.label], score, select.error_level, forces_key, scores,
+            validation.dataset,
         )
-        table = tables[evaluation.label]
-        table["predicted_force_rmse"] = error_model.predict(table[score].to_numpy())
-        table["force_rmse_upper"] = error_model.upper(table[score].to_numpy())
-        # beyond the validation set's scores the isotonic map is flat: the prediction is a floor
-        table["error_extrapolated"] = table[score].to_numpy(dtype=float) > error_model.thresholds_x[-1]
+        add_predicted_errors(tables[evaluation.label], error_model)
         if evaluation.label == validation.label:
-            table["error_fit"] = table["structure_id"].isin(fitted_ids).to_numpy()
+            tables[evaluation.label]["error_fit"] = tables[evaluation.label]["structure_id"].isin(fitted_ids).to_numpy()
     table = rank_table(tables[evaluation.label], score)
     training = tables[own.label]
     summary = evaluation_summary(table, evaluation, select, delivered, training, output_dir)
@@ -140,28 +142,46 @@ def evaluation_summary(
 
 
 def fit_validation_errors(
-    table: pd.DataFrame, scores_file: Path, score: str, level: float, forces_key: str, block_frames: int,
+    table: pd.DataFrame, scores_file: Path, score: str, level: float, forces_key: str, scores: ScoresConfig,
     dataset: str,
 ) -> tuple[ErrorModel, set[str]]:
-    """The family's error model from its validation dataset (its true force RMSE against the ranking
-    score), and the ids of the structures the map was fitted on."""
+    """The family's error model from its validation dataset (its true force RMSE against the committee's
+    force deviation, else the ranking score), calibrated over the dataset's runs; and the ids it used."""
     errors = force_errors(scores_file, forces_key)
     if errors is None:
         raise InputError(f"validation dataset {dataset!r}: no structure has reference forces ({forces_key!r} in "
                          "atoms.arrays or a calculator's forces) and model forces (`forces: true`)")
     truth = table["structure_id"].map(errors).to_numpy(dtype=float)
-    fit = split_halves(structure_groups(table, block_frames))
-    model = fit_error_model(table[score].to_numpy(), truth, fit, score, level)
-    return model, set(table["structure_id"].to_numpy()[fit & np.isfinite(truth)])
+    source = error_input(table, score)
+    grouping = groups_of_scores(scores_file, scores)
+    groups = pd.Series(grouping.labels, index=grouping_ids(scores_file)).reindex(table["structure_id"]).to_numpy()
+    model = fit_error_model(table[source].to_numpy(), truth, groups, source, level)
+    used = np.isfinite(truth) & np.isfinite(table[source].to_numpy(dtype=float))
+    return model, set(table["structure_id"].to_numpy()[used])
+
+
+def error_input(table: pd.DataFrame, score: str) -> str:
+    """What the force error is predicted from: the committee's force deviation where the run has it
+    (errors scale with it; the ranking score is a p-value), else the ranking score."""
+    if "force_deviation_mean" in table.columns and np.isfinite(table["force_deviation_mean"]).any():
+        return "force_deviation_mean"
+    return score
 
 
 def error_note(model: ErrorModel, dataset: str) -> str:
     """What the predicted force error is, in words."""
-    bound = (f"force_rmse_upper = predicted + {model.margin:.4f} eV/A covers {model.level:.0%} of structures drawn "
-             f"like {dataset}" if np.isfinite(model.margin) else
-             f"no upper bound at {model.level:.0%}: {model.n_calibration} calibration structures are too few")
-    return (f"predicted_force_rmse from {model.score}: isotonic fit on {model.n_fit} {dataset} structures; "
-            f"{bound} (conformal on {model.n_calibration})")
+    if np.isfinite(model.factor):
+        bound = (f"force_rmse_upper = {model.factor:.2f} x predicted covers {model.delivered_level:.0%} of new runs "
+                 f"drawn like {dataset}")
+        if model.delivered_level < model.level - 1e-9:
+            bound += (f" ({model.n_groups} runs cannot deliver {model.level:.0%}: each run counts once, at most "
+                      f"G/(G+1); add validation runs)")
+    else:
+        bound = f"no upper bound: {model.n_groups} validation run(s) are too few"
+    return (f"predicted_force_rmse = {model.coefficient:.3g} x {model.score}^{model.exponent:.2f} (power law fitted on "
+            f"{model.n_structures} {dataset} structures in {model.n_groups} runs, each run counted once); "
+            f"{bound}; beyond {model.score} = {model.largest_input:.3g} (the largest in {dataset}) it is a lower bound "
+            "(>=): ensembles underestimate their error far from their data, and no upper bound is given")
 
 
 # tests/test_forces_off.py measures these (and fails if they move): a Cu-Au alloy test set (hot, strained,
