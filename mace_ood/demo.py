@@ -211,7 +211,7 @@ evaluations:              # T2's MD contains 300 K bulk: T1 is not new to MACE_T
   - {{family: MACE_T2, dataset: T1}}
   - {{family: MACE_T1_1model, dataset: T2}}
   - {{family: MACE_T1_1model, dataset: T1_test}}
-ood_labels: {{T1_test: false}}
+ood_labels: {{T1_test: false, T1_valid: false}}
 reference: true
 select: {{top_k: 30, alpha: 0.01}}
 metadata: {{patterns: ['strain(?P<strain_pct>[+-]?\\d+)pct']}}

@@ -242,8 +242,8 @@ def error_coverage(data: pd.DataFrame) -> str:
                          f"{np.median(np.abs(bounded['predicted_force_rmse'] - bounded['force_rmse'])):.4f} eV/A")
         floors = part[floor[part.index]]
         if len(floors):
-            held = int((floors["force_rmse"] >= floors["predicted_force_rmse"]).sum())
-            ratio = float(np.median(floors["force_rmse"] / floors["predicted_force_rmse"]))
+            held = int((floors["force_rmse"] >= floors["force_rmse_lower"]).sum())
+            ratio = float(np.median(floors["force_rmse"] / floors["force_rmse_lower"]))
             lines.append(f"  {family} on {dataset}: lower bound (>=) holds for {held} of {len(floors)} "
                          f"({100 * held / len(floors):.1f} %); median true / reported {ratio:.2f}")
     if not lines:

@@ -248,6 +248,8 @@ def demo(
     from mace_ood.report.build import format_summary
 
     typer.echo(format_summary(result))
+    from mace_ood.select.table import read_selection_summary
+
     typer.echo("\nWhat the ood flag promises, and what in-distribution data got:")
     in_distribution = {name for name, is_ood in cfg.ood_labels.items() if not is_ood}
     for row in (r for r in result["summary"] if r["reference"]):
@@ -255,6 +257,11 @@ def demo(
                 if r["family"] == row["family"] and r["dataset"] in in_distribution]
         typer.echo(f"  {row['family']}: {row.get('grouping', '')}; false-flag rate at most {row['delivered_rate']:.3f} "
                    f"at alpha {row['alpha']:g}" + (f"; observed: {', '.join(seen)}" if seen else ""))
+        model = read_selection_summary(cfg.output_dir, row["evaluation"]).get("error_model")
+        if isinstance(model, dict):
+            typer.echo(f"    force error: power law in {model['score']} over {model['n_groups']} validation runs "
+                       f"({row.get('validation', '')}); bounds at {model['delivered_level']:.0%} (asked "
+                       f"{model['level']:.0%}); their coverage on in-distribution data: below, `mace-ood evaluate`")
     typer.echo("\nHow well does each score find what the models do not know? (`mace-ood evaluate`)")
     evaluate(Path(cfg.output_dir))
 

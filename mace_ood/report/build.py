@@ -120,7 +120,7 @@ def build_report(
         "top": {
             label: frame.head(5)[["selected", "rank", score, f"{score}_pvalue", "ood", "structure_id", "formula",
                                   "n_atoms", "group_size", "nearest_training_id",
-                                  *[c for c in ("predicted_force_rmse", "force_rmse_upper", "force_rmse_is_lower_bound")
+                                  *[c for c in ("predicted_force_rmse", "force_rmse_upper", "force_rmse_lower", "force_rmse_is_lower_bound")
                                     if c in frame.columns]]]
             .rename(columns={score: "score", f"{score}_pvalue": "pvalue"}).to_dict(orient="records")
             for label, frame in selected.items()
@@ -129,9 +129,9 @@ def build_report(
 
 
 def format_force_rmse(row: dict) -> str:
-    """``0.052 (<= 0.110)`` inside the validation range, ``>= 0.140`` beyond it (a lower bound)."""
+    """``0.052 (<= 0.110)`` inside the validation range, ``>= 0.140`` beyond it (its bound from below)."""
     if row.get("force_rmse_is_lower_bound"):
-        return f">= {row['predicted_force_rmse']:.3f}"
+        return f">= {row['force_rmse_lower']:.3f}"
     upper = row.get("force_rmse_upper")
     return f"{row['predicted_force_rmse']:.3f}" + (f" (<= {upper:.3f})" if pd.notna(upper) else "")
 

@@ -72,9 +72,9 @@ def write_excel(
             if number_format:
                 for (cell,) in sheet.iter_rows(min_row=2, min_col=index, max_col=index, max_row=len(frame) + 1):
                     cell.number_format = number_format
-        if {"predicted_force_rmse", "force_rmse_is_lower_bound"} <= set(frame.columns):
-            # beyond the validation range the predicted error is a floor: shown as ">= 0.140", still a number
-            index = list(frame.columns).index("predicted_force_rmse") + 1
+        if {"force_rmse_lower", "force_rmse_is_lower_bound"} <= set(frame.columns):
+            # beyond the validation range the error is reported from below: shown as ">= 0.140", still a number
+            index = list(frame.columns).index("force_rmse_lower") + 1
             floors = frame["force_rmse_is_lower_bound"].fillna(False).astype(bool).to_numpy()
             for row in np.flatnonzero(floors):
                 sheet.cell(row=int(row) + 2, column=index).number_format = LOWER_BOUND_FORMAT

@@ -27,7 +27,7 @@ def pick_tags(row: dict, score: str) -> dict:
     for name in ("selected", "group_size"):
         if name in row and pd.notna(row[name]):
             tags[name] = int(row[name])
-    for name in ("predicted_force_rmse", "force_rmse_upper"):
+    for name in ("predicted_force_rmse", "force_rmse_upper", "force_rmse_lower"):
         if name in row and pd.notna(row[name]):
             tags[name] = float(row[name])
     if "force_rmse_is_lower_bound" in row and pd.notna(row["force_rmse_is_lower_bound"]):

@@ -23,7 +23,7 @@ def per_atom_name(score: str) -> str:
 def order_columns(frame: pd.DataFrame, score: str) -> pd.DataFrame:
     """Report column order: ids, the ranking score, its p-value, flag and percentile, other scores, metadata."""
     first = ["family", "dataset", "reference", "rank", "selected", score, f"{score}_pvalue", "ood",
-             f"{score}_percentile", f"{COMBINED_SCORE}_driver", "predicted_force_rmse", "force_rmse_upper",
+             f"{score}_percentile", f"{COMBINED_SCORE}_driver", "predicted_force_rmse", "force_rmse_upper", "force_rmse_lower",
              "force_rmse_is_lower_bound", *ID_COLUMNS]
     scores = [c for name in ALL_SCORES if name != score for c in (name, f"{name}_percentile")]
     ordered = [c for c in first + scores if c in frame.columns]

@@ -10,9 +10,10 @@ runs (:mod:`mace_ood.runs`): every run serves both the fit and the bound, the ra
 predicted are what is calibrated, and each run counts once (:func:`run_level_quantile`):
 upper = q x predicted, so the margin scales with the error. With G runs
 the level is at most G / (G + 1); a level asked above it gets the bound at that level, and the
-run says so. Beyond the largest validation sigma the prediction is a lower bound: ensembles
-underestimate their error far from their data, so there ``force_rmse_is_lower_bound`` is set and
-no upper bound is given. Anchors: apax calibrates its uncertainty on a held-out set, ALEBREW
+run says so. ``force_rmse_lower`` is the bound from below at the same level (the lower quantile of
+the ratios). Beyond the largest validation sigma only that holds: ensembles underestimate their
+error far from their data, so there ``force_rmse_is_lower_bound`` is set, the error is reported as
+">= force_rmse_lower", and no upper bound is given. Anchors: apax calibrates its uncertainty on a held-out set, ALEBREW
 with conformal prediction, CV+ and the jackknife+ (Barber et al. 2021), DP-GEN's trust levels.
 """
 
@@ -87,6 +88,7 @@ class ErrorModel:
     coefficient: float  # a
     exponent: float  # b > 0
     factor: float  # upper = factor x predicted (inf: no bound at the level)
+    lower_factor: float  # lower = lower_factor x predicted, the bound from below at the same level (0: none)
     level: float  # asked
     delivered_level: float  # what the number of runs allows: min(level, G / (G + 1))
     n_groups: int
@@ -107,15 +109,19 @@ class ErrorModel:
         """The conformal upper bound; NaN beyond the validation range (no bound holds there)."""
         return np.where(self.is_lower_bound(values), np.nan, self.factor * self.predict(values))
 
+    def lower(self, values: np.ndarray) -> np.ndarray:
+        """The conformal bound from below: what is reported (as ">=") beyond the validation range."""
+        return self.lower_factor * self.predict(values)
+
     def as_dict(self) -> dict:
         return {"score": self.score, "coefficient": self.coefficient, "exponent": self.exponent, "factor": self.factor,
-                "level": self.level, "delivered_level": self.delivered_level, "n_groups": self.n_groups,
+                "lower_factor": self.lower_factor, "level": self.level, "delivered_level": self.delivered_level, "n_groups": self.n_groups,
                 "n_structures": self.n_structures, "largest_input": self.largest_input}
 
     @classmethod
     def from_dict(cls, data: dict) -> ErrorModel:
         return cls(data["score"], float(data["coefficient"]), float(data["exponent"]), float(data["factor"]),
-                   float(data["level"]), float(data["delivered_level"]), int(data["n_groups"]),
+                   float(data["lower_factor"]), float(data["level"]), float(data["delivered_level"]), int(data["n_groups"]),
                    int(data["n_structures"]), float(data["largest_input"]))
 
 
@@ -179,16 +185,21 @@ def fit_error_model(
     values, errors, groups = values[known], errors[known], np.asarray(groups).astype(str)[known]
     a, b = fit_power_law(values, errors)
     n_groups = len(set(groups.tolist()))
+    ratios = errors / (a * values**b)
     if n_groups < 2:
-        factor, delivered = math.inf, level
+        factor, lower_factor, delivered = math.inf, 0.0, level
     else:
-        factor, delivered = run_level_quantile(errors / (a * values**b), groups, level)
-    return ErrorModel(score, a, b, max(factor, 1.0), level, delivered, n_groups, len(values), float(values.max()))
+        factor, delivered = run_level_quantile(ratios, groups, level)
+        lower_factor = -run_level_quantile(-ratios, groups, level)[0]
+    return ErrorModel(score, a, b, max(factor, 1.0), min(max(lower_factor, 0.0), 1.0), level, delivered, n_groups,
+                      len(values), float(values.max()))
 
 
 def add_predicted_errors(table: pd.DataFrame, model: ErrorModel) -> None:
-    """``predicted_force_rmse``, ``force_rmse_upper`` and ``force_rmse_is_lower_bound`` from ``model``."""
+    """``predicted_force_rmse``, its bounds ``force_rmse_upper`` and ``force_rmse_lower``, and
+    ``force_rmse_is_lower_bound`` (beyond the validation range: report ">= force_rmse_lower") from ``model``."""
     values = table[model.score].to_numpy(dtype=float)
     table["predicted_force_rmse"] = model.predict(values)
     table["force_rmse_upper"] = model.upper(values)
+    table["force_rmse_lower"] = model.lower(values)
     table["force_rmse_is_lower_bound"] = model.is_lower_bound(values)

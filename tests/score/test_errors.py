@@ -60,16 +60,18 @@ def test_new_runs_are_covered_at_the_delivered_level(n_runs, level):
     delivered level min(level, G / (G + 1)), within 0.05 (run-level discreteness:
     ceil(level (G + 1)) / (G + 1) is what one order statistic of G runs gives)."""
     rng = np.random.default_rng(n_runs)
-    coverage, delivered = [], []
+    coverage, from_below, delivered = [], [], []
     for _ in range(300):
         model = fit_error_model(*runs(rng, n_runs, 6), "s", level)
         new_sigma, new_error, _ = runs(rng, 40, 6)
         upper = model.upper(new_sigma)
         inside = np.isfinite(upper)
         coverage.append(np.mean(new_error[inside] <= upper[inside]))
+        from_below.append(np.mean(new_error >= model.lower(new_sigma)))
         delivered.append(model.delivered_level)
     coverage = np.array(coverage)
-    print(n_runs, level, "coverage", coverage.mean(), "delivered", np.mean(delivered))
+    print(n_runs, level, "coverage", coverage.mean(), "from below", np.mean(from_below), "delivered", np.mean(delivered))
+    assert abs(np.mean(from_below) - np.mean(delivered)) <= 0.05 + 3 * np.std(from_below) / np.sqrt(len(from_below))
     assert np.mean(delivered) == pytest.approx(min(level, n_runs / (n_runs + 1)))
     standard_error = coverage.std() / np.sqrt(len(coverage))
     assert abs(coverage.mean() - np.mean(delivered)) <= 0.05 + 3 * standard_error
