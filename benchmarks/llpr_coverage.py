@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from mace_ood.score.llpr import reference_energies
-from mace_ood.score.reference import FamilyReference
+from mace_ood.score.reference import FamilyReference, llpr_calibration_folds
 
 
 def main() -> None:
@@ -52,7 +52,9 @@ def main() -> None:
         truth = reference_energies(sources, frames, np.arange(len(ids)), args.energy_key)
         keep = np.isfinite(truth)
         if path.stem.endswith(f"__{_trained_on(args.run_dir, family)}"):
-            keep &= np.isin(ids, reference.calibration_ids)
+            # LLPR is fitted on the training runs outside its calibration folds: only theirs are new to it
+            first = llpr_calibration_folds(len(reference.folds))
+            keep &= np.array([reference.structure_fold.get(i, 0) < first for i in ids]) if reference.folds else False
         if not keep.any():
             continue
         error = np.abs(energy - truth)[keep]

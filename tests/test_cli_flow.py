@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from mace_ood.cli import app
 from mace_ood.config import DEFAULT_SCORE
 from mace_ood.extract.runner import LatentExtractor
+from mace_ood.report.structures import safe_name
 from mace_ood.structures import iter_structures
 
 runner = CliRunner()
@@ -118,7 +119,7 @@ def test_run_end_to_end(finished_run):
     best = picks.iloc[0]
     atoms = ase.io.read(cifs[0], store_tags=True)
     assert len(atoms) == best.n_atoms and atoms.info["_mace_ood_selected"] == 1
-    assert cifs[0].name == f"01_{best.structure_id}.cif"
+    assert cifs[0].name == f"01_{safe_name(best.structure_id)}.cif"
     xyz = ase.io.read(sorted(top_dir.glob("*.extxyz"))[0])
     assert np.isclose(xyz.arrays["MACE_OOD_latent_variance"].mean(), best.latent_variance)
     assert xyz.info["MACE_OOD_selected"] == 1 and "MACE_OOD_nearest_training_id" in xyz.info

@@ -24,6 +24,7 @@ from mace_ood.score.reference import (
     FamilyReference,
     assign_folds,
     fit_reference,
+    llpr_calibration_folds,
 )
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def fit_family_reference(
     """Fit the family's reference (alignment, covariance, GMM, k-NN sample, LLPR) on its own training
     set, with one fold reference per fold of whole groups (runs, :func:`mace_ood.runs.find_groups`);
     each training structure's group and fold are stored with it. LLPR's alpha is calibrated on
-    ``validation`` (the family's labelled dataset) when given, else on fold 0."""
+    ``validation`` (the family's labelled dataset) when given, else on the first folds
+    (:func:`mace_ood.score.reference.llpr_calibration_folds`), which its fit leaves out."""
     with open_latents(list(evaluation.latent_paths)) as latents:
         ids = latents["structure_id"].values.astype(str)
         grouping = find_groups(latents["source_file"].values.astype(str), latents["frame_index"].values,
@@ -50,7 +52,8 @@ def fit_family_reference(
             gmm_components=tuple(scores.gmm_components), gmm_max_atoms=scores.gmm_max_atoms,
             atom_fold=np.repeat(fold, counts),
         )
-        side = np.where(fold == 0, OUT_OF_FOLD, FIT) if reference.folds else np.full(len(ids), FIT)
+        calibrating = fold < llpr_calibration_folds(len(reference.folds))
+        side = np.where(calibrating, OUT_OF_FOLD, FIT) if reference.folds else np.full(len(ids), FIT)
         reference.llpr = _fit_llpr(latents, side, validation, energy_key, evaluation.family)
     reference.calibration_ids = list(ids)
     reference.calibration_in_sample = not reference.folds

@@ -13,6 +13,7 @@ matrices of the sampled atoms: one pass over them, a subtraction per fold.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,15 @@ def group_unit(group: str, seed: int) -> float:
     does not change when other data is added."""
     digest = hashlib.sha256(f"{seed}\0{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+LLPR_CALIBRATION_SHARE = 0.2  # of the folds: LLPR (one fit, not per fold) calibrates its alpha on them
+
+
+def llpr_calibration_folds(n_folds: int) -> int:
+    """LLPR is fitted once, on the training runs outside folds 0 .. k-1, and calibrated on those
+    (when the family has no validation dataset): k = ceil(0.2 K), at least 1."""
+    return max(1, math.ceil(LLPR_CALIBRATION_SHARE * n_folds))
 
 
 def assign_folds(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:

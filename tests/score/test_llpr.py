@@ -16,7 +16,7 @@ from mace_ood.extract.stream import extract_to_netcdf
 from mace_ood.records import EvaluationPlan
 from mace_ood.score.evaluation import fit_family_reference, score_evaluation
 from mace_ood.score.llpr import calibrate, regularised_inverse
-from mace_ood.score.reference import FamilyReference
+from mace_ood.score.reference import FamilyReference, llpr_calibration_folds
 from mace_ood.testing import build_tiny_mace, random_structures, write_dataset
 
 LAMBDA = 1e-6  # the documented default without labels
@@ -83,8 +83,9 @@ def llpr_run(request, tmp_path_factory):
 
 def test_llpr_equals_numpy_from_hooked_readout_features(llpr_run):
     reference = llpr_run["reference"]
-    # LLPR is fitted without fold 0 (its alpha calibrated there when no validation set is given)
-    excluded = {i for i, fold in reference.structure_fold.items() if fold == 0} if reference.folds else set()
+    # LLPR is fitted without its calibration folds (its alpha calibrated there when no validation set is given)
+    first = llpr_calibration_folds(len(reference.folds))
+    excluded = {i for i, fold in reference.structure_fold.items() if fold < first} if reference.folds else set()
     assert len(llpr_run["train_ids"]) == len(llpr_run["train"])
     with xr.open_dataset(llpr_run["scores"]) as ds:
         expected_structure, expected_atom = ds["llpr_energy_std"].values, ds["atom_llpr"].values
