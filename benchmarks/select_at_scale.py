@@ -4,16 +4,16 @@
 
 Writes a run directory as a finished `mace-ood run` leaves it before its select stage: the
 scores files of one family on its own training set and on a new dataset (every per-atom and
-per-structure score of the default config, forces on, and the 2F-channel descriptor), seed 0's
+per-structure score of the default config, forces on, and the F-channel descriptor), seed 0's
 latent files (read by the report's PCA plot and chemiscope file) and the structure files (one
 100-frame extxyz template of 20-46 atoms a frame, linked under 3,000 MD-run names per dataset:
-groups of 10 frames, as the split makes them). About 10 % of the new structures are shifted
+each file one run, the training set scored out of fold in 10 folds of runs). About 10 % of the new structures are shifted
 out of distribution. Then each step runs in a fresh process (peak RSS is the process's own):
 
 1. select on the family's training set (its calibration, rank and top K);
-2. select on the new dataset: calibrate against the training set's held-out structures and
-   atoms (size-aware `mahalanobis_max`), flag, rank, diverse selection of K against every
-   training structure's descriptor;
+2. select on the new dataset: calibrate against every training structure and atom, scored out
+   of fold (size-aware `mahalanobis_max`; each run counted once), flag, rank, diverse selection of
+   K against every training structure's descriptor;
 3. report: scores.csv, the K picks as CIF/extxyz, report.xlsx, plots, chemiscope.
 
 Prints a markdown table. Set-up (writing the files) is not timed.
@@ -87,15 +87,16 @@ def write_dataset(root: Path, name: str, n_structures: int, template: Path, form
         "info_json": np.full(n_structures, "{}"), "structure_hash": np.full(n_structures, ""),
         "frame_index": frame.astype(np.int32), "atom_offset": offsets, "n_atoms": counts,
     }
-    centres = rng.normal(size=(50, 2 * CHANNELS))
-    descriptor = centres[rng.integers(0, 50, n_structures)] + 0.3 * rng.normal(size=(n_structures, 2 * CHANNELS))
+    centres = rng.normal(size=(50, CHANNELS))
+    descriptor = centres[rng.integers(0, 50, n_structures)] + 0.3 * rng.normal(size=(n_structures, CHANNELS))
     descriptor[shifted] += 2.0
     ds = xr.Dataset({name: ("structure", values) for name, values in structure.items()})
     ds["descriptor"] = (("structure", "descriptor_feature"), descriptor)
-    if training:
-        blocks = (frame // 10).astype(np.int64) + 10 * (np.arange(n_structures) // FRAMES_PER_FILE)
-        unit = np.random.default_rng(seed + 1).random(blocks.max() + 1)
-        ds["split"] = ("structure", np.where(unit[blocks] < 0.2, "calibration", "fit"))
+    if training:  # every training structure scored out of fold; each 100-frame file one MD run, 10 folds of runs
+        run = np.arange(n_structures) // FRAMES_PER_FILE
+        ds["split"] = ("structure", np.full(n_structures, "out-of-fold", dtype=object))
+        ds["group"] = ("structure", np.array([f"run{r}" for r in run], dtype=object))
+        ds["fold"] = ("structure", (run % 10).astype(np.int64))
     shift_of_atom = np.repeat(shifted, counts)
     per_atom_names = ["latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll",
                       "force_deviation", "energy_std_per_atom"]
@@ -192,7 +193,7 @@ def main() -> None:
             write_dataset(root, name, n, root / "template.extxyz", formulas, training, seed)
             sizes[name] = int(template_sizes()[np.arange(n) % FRAMES_PER_FILE].sum())
         print(f"new: {args.structures:,} structures, {sizes['new']:,} atoms; training: {args.training:,} structures, "
-              f"{sizes['train']:,} atoms; K = {args.top_k}; descriptor {2 * CHANNELS} channels "
+              f"{sizes['train']:,} atoms; K = {args.top_k}; descriptor {CHANNELS} channels "
               f"(set-up {time.perf_counter() - started:.0f} s); each step in a fresh process\n")
         print("| step | wall | peak RSS |")
         print("|---|---|---|")

@@ -1,14 +1,18 @@
 """Conformal p-values: the ``ood`` flag, and the size-aware, veto-free ``combined`` score.
 
-The flag's guarantee comes from one step: a structure's p-value for the ranking score R is
+The flag's guarantee comes from one step. The training set's G runs (:mod:`mace_ood.runs`) are
+its independent units, every training structure is scored out of fold
+(:mod:`mace_ood.score.reference`), and a structure's p-value for the ranking score R is
 
-    p = (1 + #{calibration structures with R >= r}) / (n + 1),
+    p = (1 + sum over runs of the run's share of structures with R >= r) / (G + 1)
 
-and ``ood`` is ``p <= alpha``. If the new structure and the n calibration structures are
-exchangeable (drawn alike: in distribution), P(p <= alpha) = floor(alpha (n + 1)) / (n + 1) <= alpha,
-for any n and any score (Vovk et al., *Algorithmic Learning in a Random World*, 2005). When
-alpha < 1 / (n + 1) no p-value can reach alpha; the flag is then "above every calibration
-structure", whose false-flag rate is 1 / (n + 1), and the run says so (:func:`effective_alpha`).
+(:func:`group_pvalue`); ``ood`` is ``p <= alpha``. A frame of a new run and one frame drawn from
+each training run are exchangeable when the runs are drawn alike, and p is the average of their
+rank p-value over those draws, so the false-flag rate on new in-distribution runs is at most
+floor(alpha (G + 1)) / (G + 1) (Vovk et al., *Algorithmic Learning in a Random World*, 2005;
+cross-conformal scores: Barber et al. 2021). When alpha < 1 / (G + 1) no p-value can reach
+alpha; the flag is then "above every frame of every run", at most 1 / (G + 1), and the run says
+so (:func:`effective_alpha`, :func:`delivered_rate`).
 
 Everything else here only decides *what* R is, so it cannot break the guarantee:
 
@@ -22,9 +26,8 @@ Everything else here only decides *what* R is, so it cannot break the guarantee:
   its calibration median (zero force deviation on a perfect strained cell) cannot cancel another
   component's exceedance.
 
-A calibration structure is scored like a new one: its own group (source file and frame block,
-:func:`mace_ood.score.reference.split_groups`) is left out of every pool it is compared with,
-so its MD neighbours do not make it look ordinary.
+A training structure is scored like a new one: its own run is left out of every pool it is
+compared with, so its MD neighbours do not make it look ordinary.
 """
 
 from __future__ import annotations
@@ -36,27 +39,6 @@ import numpy as np
 
 TAIL_FRACTION = 0.1  # the share of the pool the exponential tail is fitted to
 MIN_TAIL = 5  # fewer pool values than 2 * MIN_TAIL: no tail, the empirical p-value only
-
-
-def conformal_pvalue(values: np.ndarray, calibration: np.ndarray, own_at_or_above: np.ndarray | None = None,
-                     own_count: np.ndarray | None = None) -> np.ndarray:
-    """(1 + #{calibration >= x}) / (n + 1) per value. A row that is itself a calibration structure
-    leaves out its own group (``own_count`` values, ``own_at_or_above`` of them >= x; for the
-    structure alone: 1 and 1, giving #{calibration >= x} / n). NaN for a NaN value or an empty
-    calibration set."""
-    calibration = np.sort(np.asarray(calibration, dtype=float)[np.isfinite(calibration)])
-    values = np.asarray(values, dtype=float)
-    n = calibration.size
-    if n == 0:
-        return np.full(values.shape, np.nan)
-    at_or_above = (n - np.searchsorted(calibration, values, side="left")).astype(float)
-    size = np.full(values.shape, float(n))
-    if own_at_or_above is not None:
-        at_or_above = at_or_above - np.asarray(own_at_or_above, dtype=float)
-        size = size - np.asarray(own_count, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(size > 0, (1.0 + at_or_above) / (size + 1.0), np.nan)
-    return np.where(np.isnan(values), np.nan, p)
 
 
 def group_pvalue(values: np.ndarray, calibration: np.ndarray, calibration_groups: np.ndarray,
@@ -137,16 +119,6 @@ def delivered_rate(alpha: float, n_calibration: int) -> float:
         return float("nan")
     a = effective_alpha(alpha, n_calibration)
     return math.floor(a * (n_calibration + 1) + 1e-9) / (n_calibration + 1)
-
-
-def conformal_threshold(calibration: np.ndarray, alpha: float) -> float:
-    """The score a structure must exceed to be flagged at ``alpha`` (the effective alpha)."""
-    calibration = np.sort(np.asarray(calibration, dtype=float)[np.isfinite(calibration)])
-    n = calibration.size
-    if n == 0:
-        return float("nan")
-    allowed = math.floor(effective_alpha(alpha, n) * (n + 1) + 1e-9) - 1  # calibration values >= x allowed
-    return float(calibration[n - allowed - 1])
 
 
 def group_threshold(calibration: np.ndarray, calibration_groups: np.ndarray, alpha: float) -> float:

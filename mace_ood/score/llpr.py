@@ -139,7 +139,7 @@ class SeedLLPR:
     atom_inverse: np.ndarray  # (D, D)
     alpha: float = 1.0
     lam: float = DEFAULT_LAMBDA
-    calibrated_on: str = "none"  # "validation <dataset>", "calibration split (trained on)", "none"
+    calibrated_on: str = "none"  # "validation <dataset>", "training runs of the first folds (trained on)", "none"
     n_calibration: int = 0
     gram: np.ndarray = field(default=None, repr=False)  # F^T F (kept to recalibrate)
 
@@ -289,7 +289,7 @@ def fit_family_llpr(
     if validation is not None and "energy" in validation:
         labelled, rows, where = validation, np.arange(validation.sizes["structure"]), f"validation {validation_name}"
     elif "energy" in latents and calibration.any():
-        labelled, rows, where = latents, np.flatnonzero(calibration), "calibration split (trained on)"
+        labelled, rows, where = latents, np.flatnonzero(calibration), "training runs of the first folds (trained on)"
     else:
         labelled, rows, where = None, np.zeros(0, dtype=np.int64), "none"
     truth = (reference_energies(labelled["source_file"].values.astype(str), labelled["frame_index"].values,

@@ -12,8 +12,6 @@ from mace_ood.records import EvaluationPlan
 from mace_ood.score.calibrate import add_percentiles
 from mace_ood.score.conformal import (
     Pool,
-    conformal_pvalue,
-    conformal_threshold,
     delivered_rate,
     effective_alpha,
     group_own_counts,
@@ -86,39 +84,45 @@ def test_a_calibration_structure_alone_in_the_pool_has_no_pvalue():
     assert np.isnan(pool.log_pvalue(np.array([5.0]), np.array([20]), np.array([20]))[0])
 
 
-def test_conformal_pvalue_equals_a_brute_force_count():
+def test_with_one_structure_per_group_the_group_pvalue_is_the_plain_conformal_count():
     rng = np.random.default_rng(11)
     calibration = np.round(rng.gamma(2.0, size=37), 1)  # ties included
+    alone = np.arange(37).astype(str)
     values = np.r_[np.round(rng.gamma(2.0, size=200) * 1.5, 1), calibration[:3], np.nan]
     expected = [(1 + sum(c >= x for c in calibration)) / (len(calibration) + 1) if x == x else np.nan for x in values]
-    np.testing.assert_allclose(conformal_pvalue(values, calibration), expected)
-    mine = np.zeros(len(values))
-    mine[-4:-1] = 1  # the calibration structures themselves: leave one out
-    expected_own = [sum(c >= x for c in calibration) / len(calibration) for x in values[-4:-1]]
-    np.testing.assert_allclose(conformal_pvalue(values, calibration, mine, mine)[-4:-1], expected_own)
-    groups = np.array(["a"] * 20 + ["b"] * 17)  # leave the own group out: a brute-force count over the others
+    np.testing.assert_allclose(group_pvalue(values, calibration, alone), expected)
+    groups = np.array(["a"] * 20 + ["b"] * 17)  # two runs: each counted once, its own left out for its members
     own_ge, own_n = group_own_counts(calibration, groups, np.ones(37, dtype=bool))
-    expected_group = [(1 + sum(c >= x for c, h in zip(calibration, groups, strict=True) if h != g))
-                      / (1 + sum(groups != g)) for x, g in zip(calibration, groups, strict=True)]
-    np.testing.assert_allclose(conformal_pvalue(calibration, calibration, own_ge, own_n), expected_group)
-    assert np.isnan(conformal_pvalue(values, calibration)[-1])
+    expected_group = [(1 + np.mean([c >= x for c, h in zip(calibration, groups, strict=True) if h != g])) / 2
+                      for x, g in zip(calibration, groups, strict=True)]
+    np.testing.assert_allclose(group_pvalue(calibration, calibration, groups, own_ge, own_n), expected_group)
+    assert np.isnan(group_pvalue(values, calibration, alone)[-1])
 
 
 def test_the_flag_level_and_what_small_calibration_sets_deliver():
     assert effective_alpha(0.01, 199) == 0.01 and delivered_rate(0.01, 199) == pytest.approx(2 / 200)
     assert effective_alpha(0.01, 18) == pytest.approx(1 / 19) and delivered_rate(0.01, 18) == pytest.approx(1 / 19)
     assert delivered_rate(0.05, 30) == pytest.approx(1 / 31)  # floor(0.05 * 31) = 1
-    assert conformal_threshold(np.arange(1.0, 19.0), 0.01) == 18.0  # n = 18: above every calibration structure
-    assert conformal_threshold(np.arange(1.0, 200.0), 0.01) == 198.0  # 1 of 199 may be at or above
+    alone = np.arange(199).astype(str)
+    assert group_threshold(np.arange(1.0, 19.0), alone[:18], 0.01) == 18.0  # n = 18: above every one
+    assert group_threshold(np.arange(1.0, 200.0), alone, 0.01) == 198.0  # 1 of 199 may be at or above
 
 
-def test_exchangeable_data_is_flagged_at_the_stated_rate():
-    """The finite-sample rule, by simulation: P(p <= alpha) = floor(alpha (n+1)) / (n+1)."""
+def test_new_runs_are_flagged_at_most_at_the_stated_rate():
+    """The finite-sample rule over runs, by simulation: 19 calibration runs of 5 correlated frames
+    (a run effect as large as the frame noise); a frame of a new run is flagged at most at
+    floor(alpha (G + 1)) / (G + 1) = 0.1, and not far below it."""
     rng = np.random.default_rng(3)
-    n, trials = 49, 4000
-    data = rng.standard_normal((trials, n + 1))
-    flagged = np.mean([conformal_pvalue(row[:1], row[1:])[0] <= effective_alpha(0.1, n) for row in data])
-    assert abs(flagged - delivered_rate(0.1, n)) < 0.015 and delivered_rate(0.1, n) == pytest.approx(0.1)
+    n_runs, frames, trials = 19, 5, 3000
+    groups = np.repeat(np.arange(n_runs).astype(str), frames)
+    flagged = []
+    for _ in range(trials):
+        runs = rng.standard_normal((n_runs + 1, 1)) + rng.standard_normal((n_runs + 1, frames))
+        calibration, new = runs[:-1].ravel(), runs[-1, :1]
+        flagged.append(group_pvalue(new, calibration, groups)[0] <= effective_alpha(0.1, n_runs))
+    rate = np.mean(flagged)
+    assert rate <= delivered_rate(0.1, n_runs) + 0.015 and delivered_rate(0.1, n_runs) == pytest.approx(0.1)
+    assert rate > 0.05
 
 
 def test_pool_pvalues_are_the_empirical_count_inside_the_pool_and_keep_ranking_beyond_it():
