@@ -1,7 +1,8 @@
 """mace-ood: find the structures a MACE model ensemble does not understand (plan -> extract -> score -> select -> report).
 
-The Python API (:mod:`mace_ood.api`): ``open_run``, ``Run.score`` and ``OODCalculator``, imported
-on first use (``import mace_ood`` stays light for Dask workers).
+The Python API: ``run`` (:mod:`mace_ood.flows.session`) and ``open_run``, ``Run.score`` and
+``OODCalculator`` (:mod:`mace_ood.api`), imported on first use (``import mace_ood`` stays light for
+Dask workers).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ _API = ("open_run", "Run", "OODCalculator", "RunError")
 
 
 def __getattr__(name: str):
+    if name == "run":
+        from mace_ood.flows.session import run
+
+        return run
     if name in _API:
         from mace_ood import api
 
@@ -17,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mace_ood' has no attribute {name!r}")
 
 
-__all__ = list(_API)
+__all__ = ["run", *_API]

@@ -159,9 +159,10 @@ def stop_on_signals(what: str):
     processes the signal has just killed (a terminal sends SIGINT to the whole process group):
     their shutdown hung for minutes. Work already durable stays on disk: latent files are
     written under ``.partial`` with a progress record, so running again resumes.
-    Prefect's flow engine installs its own SIGTERM handler at the start of every flow run (it
-    reports the crash to the API first, which hung when the API was gone): enter this inside the
-    flow function too. Only the main thread can own signal handlers; elsewhere this does nothing.
+    Entered only by a run's session that owns the process (:mod:`mace_ood.flows.session`), which
+    runs the flow on a worker thread: Prefect arms its own SIGTERM handler at each flow run (it
+    reported the crash to an API that was gone, and hung), but only on the main thread. Only the
+    main thread can own signal handlers; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -128,3 +128,69 @@ def test_a_signal_stops_the_run_at_once_and_running_again_resumes(prefect_server
     assert resumed > 0, "nothing was resumed: the interrupted run's durable work was lost"
     scores = pd.read_csv(run_dir / "scores.csv").drop(columns=["source_file"])
     pd.testing.assert_frame_equal(scores, uninterrupted)
+
+
+def run_helpers() -> set[int]:
+    """This process's multiprocessing helpers, shared by every run in it (the forkserver local
+    workers fork from, the resource tracker): not a run's own processes."""
+    helpers = set()
+    for child in psutil.Process().children():
+        try:
+            if any(name in " ".join(child.cmdline()) for name in ("forkserver", "resource_tracker")):
+                helpers.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return helpers
+
+
+@pytest.mark.slow
+def test_an_interrupt_of_mace_ood_run_from_python_keeps_the_caller_and_running_again_resumes(interrupt_project,
+                                                                                            tmp_path):
+    """A notebook's stop button: KeyboardInterrupt raised in the main thread while `mace_ood.run()`
+    extracts. The run's workers are closed, KeyboardInterrupt reaches the caller, whose process
+    and signal handlers are untouched, and running again resumes to an uninterrupted run's scores."""
+    import _thread
+    import threading
+
+    import mace_ood
+
+    assert threading.current_thread() is threading.main_thread(), "a notebook's interrupt arrives on the main thread"
+    work, uninterrupted = interrupt_project
+    run_dir = tmp_path / "run"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupted_at: list[float] = []
+
+    def interrupt_when_durable() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(json.loads(p.read_text() or "{}").get("n_structures", 0) > 0
+                   for p in run_dir.glob("latents/*/T2/*.progress.json")):
+                interrupted_at.append(time.monotonic())
+                _thread.interrupt_main()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_when_durable, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        mace_ood.run(work / "config.yaml", output_dir=str(run_dir))
+    assert interrupted_at, "the run ended before it could be interrupted"
+    took = time.monotonic() - interrupted_at[0]
+    assert took < STOP_WITHIN_S, f"stopping took {took:.1f} s"
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    helpers = run_helpers()
+    deadline = time.monotonic() + 5
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and p.pid not in helpers and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"left behind: {[' '.join(p.cmdline()[:3]) for p in left]}"
+
+    # what was durable stays: finished seed files, or partial ones with their progress
+    assert list(run_dir.glob("latents/*/T2/*.nc")) or list(run_dir.glob("latents/*/T2/*.partial*"))
+
+    again = mace_ood.run(work / "config.yaml", output_dir=str(run_dir))
+    assert again.path == run_dir
+    pd.testing.assert_frame_equal(again.scores.drop(columns=["source_file"]), uninterrupted)

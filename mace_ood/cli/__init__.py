@@ -147,15 +147,14 @@ def run_config(cfg) -> dict:
     except (InputError, ModelError) as exc:
         _fail(str(exc))
     from mace_ood.flows.ood import TaskFailures, ood_detection
-    from mace_ood.flows.server import ServerStartError, run_api
-    from mace_ood.runtime import stop_on_signals
+    from mace_ood.flows.server import ServerStartError
+    from mace_ood.flows.session import RunSession
 
-    with stop_on_signals(f"mace-ood on {cfg.output_dir}"):
-        try:
-            with run_api():
-                return ood_detection(cfg)
-        except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, TaskFailures) as exc:
-            _fail(str(exc))
+    try:
+        with RunSession(f"mace-ood on {cfg.output_dir}", owns_process=True) as session:
+            return session.call(ood_detection, cfg)
+    except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, TaskFailures) as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -23,6 +23,7 @@ from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.flows.server import is_temporary, start_temporary_server
+from mace_ood.flows.session import call_in_session
 from mace_ood.plan import plan_run
 from mace_ood.records import (
     EvaluationPlan,
@@ -32,7 +33,7 @@ from mace_ood.records import (
     ScoreResult,
     SelectionResult,
 )
-from mace_ood.runtime import configure_process, quiet_resource_tracker, stop_on_signals
+from mace_ood.runtime import configure_process, quiet_resource_tracker
 from mace_ood.select.stage import validation_of
 from mace_ood.tasks.console import hide_console_tracebacks
 from mace_ood.tasks.extract import extract_latents
@@ -140,7 +141,7 @@ def extract_and_score(
     family's reference fit, then every evaluation's scores, then every evaluation's calibration
     and selection, each phase in parallel."""
     output_dir, scores = str(config.output_dir), config.scores
-    with stop_on_signals(f"mace-ood on {output_dir}"), dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
         extractions = _gather(
             extract_latents.map(jobs, settings=unmapped(config.extraction_settings())), [j.name for j in jobs],
             "extraction(s)",
@@ -171,12 +172,13 @@ def extract_and_score(
 def ood_detection(config: RunConfig) -> ReportResult:
     """Score every evaluation of ``config`` and write the reports; returns paths and top rows.
 
-    SIGINT or SIGTERM (Prefect cancelling a deployment run sends SIGTERM) stops the run and
-    its local Dask workers at once; running again resumes from the files on disk."""
+    Entered through the run's session (:mod:`mace_ood.flows.session`): the CLI's, ``mace_ood.run``'s,
+    or, where none is active, one of its own (a deployment run's process owns its signals: Prefect
+    cancelling it sends SIGTERM, which stops the run and its local Dask workers at once). Running
+    again resumes from the files on disk."""
     configure_process()
     hide_console_tracebacks()
-    with stop_on_signals(f"mace-ood on {config.output_dir}"):
-        return _score_and_report(config)
+    return call_in_session(f"mace-ood on {config.output_dir}", _score_and_report, config)
 
 
 def _score_and_report(config: RunConfig) -> ReportResult:
@@ -227,4 +229,4 @@ def rescore_from_file(config_path: str, refresh: bool = False) -> ReportResult:
     config = load_config(config_path)
     if refresh:
         config = config.model_copy(update={"refresh": True})
-    return ood_detection(config)
+    return call_in_session(f"mace-ood on {config.output_dir}", ood_detection, config)

@@ -1,0 +1,161 @@
+"""One owner for a run's processes: :class:`RunSession`, and :func:`run` from Python.
+
+A run starts processes: Prefect's temporary server (unless ``PREFECT_API_URL`` is set) and the
+Dask workers. The session that a run is entered through decides what an interrupt does:
+
+- **It owns the process** (``mace-ood run``, ``mace-ood demo``, the process Prefect's runner starts
+  for a deployment run): SIGINT and SIGTERM stop the run at once (one line on stderr, every child
+  process stopped, exit status 128 + the signal; :func:`mace_ood.runtime.stop_on_signals`). The
+  flow then runs on a worker thread and the main thread keeps the handler: Prefect arms its own
+  SIGTERM handler at each flow run, but only on the main thread, so no flow function ever has to
+  arm mace-ood's again.
+- **It is a library call** (:func:`run` in a notebook or a script, or the flow called directly):
+  no signal handler is installed. An interrupt (``KeyboardInterrupt``) unwinds the flow, whose task
+  runner closes the Dask cluster through its own API and whose session stops the temporary
+  server, and is raised again to the caller. The host process (a Jupyter kernel) lives on.
+
+In both cases latent files are durable under ``.partial`` with a progress record, so running the
+same config again resumes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mace_ood.config import RunConfig, config_from_dict, load_config
+
+T = TypeVar("T")
+_current: contextvars.ContextVar[RunSession | None] = contextvars.ContextVar("mace_ood_run_session", default=None)
+
+
+class RunSession:
+    """The Prefect API and the signal policy of one run, entered once by its entry point.
+
+    Parameters
+    ----------
+    what
+        What is running, for the one-line interrupt message (``mace-ood on runs/example``).
+    owns_process
+        True for an entry point that owns the process (the CLI, a deployment run's process):
+        signals stop the run and exit. False for a library call: no handler is installed and an
+        interrupt is raised to the caller after the clean-up.
+    start_api
+        Start Prefect's temporary server for the session when no ``PREFECT_API_URL`` is set (and
+        stop it at the end). False inside a flow already running: its API is its caller's.
+    """
+
+    def __init__(self, what: str, *, owns_process: bool, start_api: bool = True) -> None:
+        self.what = what
+        self.start_api = start_api
+        # only the main thread can own signal handlers
+        self.owns_process = owns_process and threading.current_thread() is threading.main_thread()
+        self._stack: ExitStack | None = None
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> RunSession:
+        from mace_ood.flows.server import run_api
+        from mace_ood.runtime import stop_on_signals
+
+        if _current.get() is not None:
+            raise RuntimeError("a mace-ood run session is already active in this context: enter one per run")
+        self._stack = ExitStack()
+        try:
+            if self.owns_process:
+                self._stack.enter_context(stop_on_signals(self.what))
+            if self.start_api:
+                self._stack.enter_context(run_api())
+        except BaseException:
+            self._stack.close()
+            raise
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _current.reset(self._token)
+        self._stack.close()
+
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)``: on a worker thread when the session owns the process (the
+        main thread waits there, its signal handler armed), else on the calling thread."""
+        if not self.owns_process:
+            return function(*args, **kwargs)
+        outcome: dict[str, Any] = {}
+        context = contextvars.copy_context()
+
+        def target() -> None:
+            try:
+                outcome["value"] = context.run(function, *args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread as is
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=target, name="mace-ood-run", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)  # short waits: the handler runs between them
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+
+def current_session() -> RunSession | None:
+    """The session this run was entered through, if any."""
+    return _current.get()
+
+
+def call_in_session(what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``function`` in the active session, or, where none is (a flow called directly, or by
+    Prefect's runner for a deployment run), in a new one, which owns the process only for a
+    deployment's run: Prefect's runner starts a process of its own for each."""
+    session = current_session()
+    if session is not None:
+        return function(*args, **kwargs)
+    with RunSession(what, owns_process=is_deployment_run(), start_api=False) as session:
+        return session.call(function, *args, **kwargs)
+
+
+def is_deployment_run() -> bool:
+    """Whether the flow run in progress was started from a deployment."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.deployment_id)
+
+
+def run(config: RunConfig | dict | str | Path, **overrides: Any):
+    """Run mace-ood from Python (a notebook, a script) and return the finished run.
+
+    The same flow as ``mace-ood run``: extract, score, select and report. An interrupt (the
+    notebook's stop button, Ctrl-C) stops the run's Dask workers and temporary Prefect server and
+    raises ``KeyboardInterrupt``; the calling process lives on, and running again resumes.
+
+    Parameters
+    ----------
+    config
+        A :class:`~mace_ood.config.RunConfig`, a mapping of its keys, or a YAML file.
+    **overrides
+        Top-level keys that replace the config's (``output_dir="runs/b"``, ``device="cuda"``).
+
+    Returns
+    -------
+    mace_ood.api.Run
+        The finished run, as :func:`mace_ood.open_run` opens it.
+    """
+    from mace_ood.api import open_run
+    from mace_ood.flows.ood import ood_detection
+    from mace_ood.plan import plan_run
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config, overrides)
+    else:
+        data = config.model_dump(mode="json") if isinstance(config, RunConfig) else dict(config)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        config = config_from_dict(data)
+    plan_run(config, count=False)  # bad input fails here, before any server or worker starts
+    with RunSession(f"mace-ood on {config.output_dir}", owns_process=False) as session:
+        session.call(ood_detection, config)
+    return open_run(config.output_dir)
