@@ -52,6 +52,14 @@ class ModelFamily(_Strict):
         "reference forces (`forces_key`): mace-ood measures the true force RMSE there and maps the ranking score "
         "to a predicted force RMSE and a conformal upper bound in eV/Angstrom for every scored structure.",
     )
+    llpr_forces: bool | None = Field(
+        None,
+        description="A family of one model (no committee force deviation): store LLPR's force Jacobian at extraction "
+        "and predict the force error from `llpr_force_std`, LLPR propagated to the forces. One backward pass per "
+        "readout feature: 7.8x the extraction time and 1.9x the latent file on the demo's model "
+        "(benchmarks/llpr_cost.py --jacobian). Default (null): on for a one-model family with `validation` and "
+        "`forces: true`; false: the ranking score predicts the error.",
+    )
 
 
 class Evaluation(_Strict):
@@ -70,11 +78,14 @@ LatentScoreName = Literal[
     AtomLatentScoreName, "latent_variance_max", "aligned_latent_variance_max", "mahalanobis_max",
     "knn_distance_max", "gmm_nll_max", "llpr_max", "llpr_energy_std",
 ]
-ForceScoreName = Literal["force_deviation_max", "force_deviation_mean", "energy_std_per_atom"]
+ForceScoreName = Literal["force_deviation_max", "force_deviation_mean", "energy_std_per_atom", "llpr_force_std",
+                         "llpr_force_std_max"]
 CombinedScoreName = Literal["combined"]
 # need two or more models (a committee): a family of one model gets every other score
 COMMITTEE_SCORES = ("latent_variance", "latent_variance_max", "aligned_latent_variance", "aligned_latent_variance_max",
                     "force_deviation_max", "force_deviation_mean", "energy_std_per_atom")
+# LLPR propagated to the forces: a family of one model only (a committee has its force deviation)
+ONE_MODEL_SCORES = ("llpr_force_std", "llpr_force_std_max")
 ScoreName = Literal[LatentScoreName, ForceScoreName, CombinedScoreName]
 SelectStrategy = Literal["diverse", "top"]
 DEFAULT_COMBINED = ["mahalanobis_max", "force_deviation_mean"]  # README, "The scores": why these two

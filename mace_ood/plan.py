@@ -66,17 +66,21 @@ def check_output_dir(output_dir: Path) -> None:
         raise InputError(f"{output_dir}: output directory is not writable ({exc.strerror})") from None
 
 
-def family_scores(config: RunConfig, n_models: int, llpr_unsupported: str | None = None) -> tuple[list[str], str]:
+def family_scores(config: RunConfig, n_models: int, llpr_unsupported: str | None = None,
+                  llpr_forces: bool = False) -> tuple[list[str], str]:
     """The per-structure scores a family of ``n_models`` gets with ``config``, and what it lacks, in words
-    (``llpr_unsupported``: why its models cannot give LLPR, from ``ModelInfo``)."""
+    (``llpr_unsupported``: why its models cannot give LLPR, from ``ModelInfo``; ``llpr_forces``: whether its
+    extractions store the LLPR force Jacobian, :func:`stores_llpr_forces`)."""
     from typing import get_args
 
-    from mace_ood.config import COMMITTEE_SCORES, ForceScoreName, LatentScoreName
+    from mace_ood.config import COMMITTEE_SCORES, ONE_MODEL_SCORES, ForceScoreName, LatentScoreName
 
     names = [*get_args(LatentScoreName), *(get_args(ForceScoreName) if config.forces else ())]
     if not config.scores.gmm_components:
         names = [n for n in names if not n.startswith("gmm_nll")]
     missing = []
+    if not llpr_forces:
+        names = [n for n in names if n not in ONE_MODEL_SCORES]
     if n_models < 2:
         names = [n for n in names if n not in COMMITTEE_SCORES]
         missing.append("the seed-variance" + (" and committee (force, energy)" if config.forces else "")
@@ -91,9 +95,12 @@ def family_scores(config: RunConfig, n_models: int, llpr_unsupported: str | None
 
 def check_scores(config: RunConfig, family: str, n_models: int) -> None:
     """A ranking score that a family cannot have is refused before any work, in one line."""
-    from mace_ood.config import COMMITTEE_SCORES
+    from mace_ood.config import COMMITTEE_SCORES, ONE_MODEL_SCORES
 
     if n_models >= 2:
+        if config.select.score in ONE_MODEL_SCORES:
+            raise ModelError(f"family {family!r}: {n_models} models; select.score {config.select.score!r} is LLPR "
+                             "propagated to the forces of a family of one model: use force_deviation_mean (a committee's)")
         return
     if config.select.score in COMMITTEE_SCORES:
         raise ModelError(f"family {family!r}: 1 model; select.score {config.select.score!r} needs 2 or more "
@@ -102,6 +109,14 @@ def check_scores(config: RunConfig, family: str, n_models: int) -> None:
     if config.select.score == "combined" and not usable:
         raise ModelError(f"family {family!r}: 1 model; none of select.combine ({', '.join(config.select.combine)}) "
                          "can be computed without a committee: add mahalanobis_max")
+
+
+def stores_llpr_forces(config: RunConfig, family: str, n_models: int) -> bool:
+    """Whether ``family``'s extractions store the LLPR force Jacobian (``llpr_forces``; by default a family of
+    one model with a validation dataset, whose force error it predicts)."""
+    spec = config.model_families[family]
+    wanted = spec.llpr_forces if spec.llpr_forces is not None else spec.validation is not None
+    return bool(config.forces and n_models == 1 and wanted)
 
 
 def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
@@ -141,7 +156,8 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
             out = latent_path(output_dir, family, dataset, seed)
             plan.jobs.append(
                 ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset],
-                              info["sha256"], config.model_families[family].head)
+                              info["sha256"], config.model_families[family].head,
+                              llpr_forces=stores_llpr_forces(config, family, len(plan.models[family])))
             )
             outputs.append(str(out))
         plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown))

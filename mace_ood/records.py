@@ -21,6 +21,7 @@ class ExtractionJob:
     n_structures: int = 0  # expected, for progress
     model_sha256: str | None = None  # the model file's content when planned; the worker checks it
     head: str | None = None  # readout head for forces and energies (None: the model's default)
+    llpr_forces: bool = False  # also the LLPR force Jacobian: a family of one model (no committee deviation)
 
     @property
     def name(self) -> str:

@@ -48,7 +48,7 @@ from tests.synthetic import make_project  # noqa: E402
 # sorts files by their number of tests, which ran the 3-test flag-rate file last, alone).
 LONGEST_FIRST = ("test_interrupt.py", "test_flag_rate.py", "test_server.py", "test_cluster.py", "test_hdf5_threads.py",
                  "test_server_start.py", "test_resume.py", "test_cli_flow.py", "test_single_model.py",
-                 "test_gpu_check.py", "test_llpr.py", "test_api.py")
+                 "test_llpr_forces.py", "test_gpu_check.py", "test_llpr.py", "test_api.py")
 BIG_DATASET_STRUCTURES = 120  # its 6 extraction jobs take ~2 s each here: time to interrupt or cancel one
 
 

@@ -103,3 +103,25 @@ def test_a_committee_score_for_a_one_model_family_is_refused_up_front(single_pro
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "1 model; select.score 'force_deviation_mean' needs 2 or more" in lines[-1]
     assert not (single_project / "run" / "latents").exists()
+
+
+@pytest.mark.parametrize(("n_models", "validation", "llpr_forces", "forces", "expected"), [
+    (1, "T2", None, True, True),  # the default: a one-model family whose force error a validation set calibrates
+    (1, None, None, True, False),  # nothing to calibrate it on: not worth 7.8x the extraction
+    (1, "T2", False, True, False),
+    (1, None, True, True, True),
+    (4, "T2", True, True, False),  # a committee has its force deviation
+    (1, None, True, False, False),  # no forces, no force Jacobian
+])
+def test_which_extractions_store_the_llpr_force_jacobian(single_project, n_models, validation, llpr_forces, forces,
+                                                          expected):
+    from mace_ood.config import config_from_dict
+    from mace_ood.plan import stores_llpr_forces
+
+    data = yaml.safe_load((single_project / "config.yaml").read_text())
+    family = data["model_families"]["MACE_T1"]
+    family.update({"validation": validation, "llpr_forces": llpr_forces})
+    data["forces"] = forces
+    if not forces:
+        data["select"]["score"] = "mahalanobis_max"
+    assert stores_llpr_forces(config_from_dict(data), "MACE_T1", n_models) is expected

@@ -125,10 +125,12 @@ def model_paths(family: str) -> list[Path]:
     return [MODELS_DIR / f"{family}_seed{k}.model" for k in range(N_SEEDS)]
 
 
-def score_family(root: Path, family: str, frames: list[Atoms] | dict[str, list[Atoms]], forces: bool = True):
-    """The committed ``family`` scoring its own training file and ``frames`` (dataset ``new``, or
-    several datasets by name), Prefect-free: extraction, reference, scores. Returns the training
-    set's evaluation, the other one (or a dict of them) and every evaluation's scores file by label."""
+def score_family(root: Path, family: str, frames: list[Atoms] | dict[str, list[Atoms]], forces: bool = True,
+                 seeds: tuple[int, ...] = tuple(range(N_SEEDS))):
+    """The committed ``family`` (its models ``seeds``: one of them is a family of one model, with the
+    LLPR force Jacobian stored as a run would) scoring its own training file and ``frames`` (dataset
+    ``new``, or several datasets by name), Prefect-free: extraction, reference, scores. Returns the
+    training set's evaluation, the other one (or a dict of them) and every evaluation's scores file by label."""
     from mace_ood.config import ExtractionSettings, ScoresConfig
     from mace_ood.extract.stream import extract_to_netcdf
     from mace_ood.records import EvaluationPlan
@@ -142,10 +144,10 @@ def score_family(root: Path, family: str, frames: list[Atoms] | dict[str, list[A
     settings = ExtractionSettings(device="cpu", default_dtype="float32", batch_size=8, forces=forces)
     latent_paths: dict[str, list[str]] = {name: [] for name in files}
     for name, path in files.items():
-        for seed, model in enumerate(model_paths(family)):
+        for seed in seeds:
             out = root / "latents" / name / f"seed-{seed}.nc"
             out.parent.mkdir(parents=True, exist_ok=True)
-            extract_to_netcdf(str(model), [str(path)], out, settings)
+            extract_to_netcdf(str(model_paths(family)[seed]), [str(path)], out, settings, llpr_forces=len(seeds) == 1)
             latent_paths[name].append(str(out))
     own = EvaluationPlan(family, "train", True, tuple(latent_paths["train"]))
     others = {name: EvaluationPlan(family, name, False, tuple(latent_paths[name])) for name in datasets}

@@ -94,7 +94,7 @@ def validate(
                    f"frames per group: {shown}")
         for note in grouping.notes:
             typer.echo(f"  note: {note}")
-    from mace_ood.plan import family_scores
+    from mace_ood.plan import family_scores, stores_llpr_forces
 
     for family, models in plan.models.items():
         m = models[0]
@@ -105,7 +105,8 @@ def validate(
                if cfg.model_families[family].head else "")
         )
         names, missing = family_scores(cfg, len(models), next(
-            (m.get("llpr_unsupported") for m in models if m.get("llpr_unsupported")), None))
+            (m.get("llpr_unsupported") for m in models if m.get("llpr_unsupported")), None),
+            llpr_forces=stores_llpr_forces(cfg, family, len(models)))
         typer.echo(f"  scores: {', '.join(names)}" + (f" (not: {missing})" if missing else ""))
     for evaluation in plan.evaluations:
         ref = " (reference)" if evaluation.reference else ""

@@ -50,3 +50,34 @@ def earlier_readout_energies(model: torch.nn.Module, node_feats: torch.Tensor, h
     if not columns:
         return node_feats.new_zeros((node_feats.shape[0], 0))
     return torch.stack(columns, dim=1)
+
+
+def hidden_width(model: torch.nn.Module) -> int:
+    """Width of one head's block of the last, non-linear readout's hidden activation."""
+    readout = model.readouts[-1]
+    return int(readout.linear_2.irreps_in.dim) // int(getattr(readout, "num_heads", 1) or 1)
+
+
+def llpr_features(model: torch.nn.Module, node_feats: torch.Tensor, head: int) -> torch.Tensor:
+    """(n, D) per-atom LLPR features of head ``head``, differentiable: each earlier readout's output,
+    then the last readout's hidden activation (its ``linear_1`` and non-linearity, the head's block):
+    what :class:`mace_ood.score.llpr.ReadoutMap` computes from stored latents and layer energies."""
+    readout = model.readouts[-1]
+    width = hidden_width(model)
+    hidden = readout.non_linearity(readout.linear_1(node_feats[:, layer_slices(model)[-1]]))
+    return torch.cat([earlier_readout_energies(model, node_feats, head), hidden[:, head * width:(head + 1) * width]],
+                     dim=1)
+
+
+def llpr_force_jacobian(model: torch.nn.Module, node_feats: torch.Tensor, positions: torch.Tensor,
+                        graph_of_atom: torch.Tensor, n_graphs: int, head: int) -> torch.Tensor:
+    """(n, 3 D): for each atom, the gradient with respect to its position of each of its structure's
+    summed LLPR features (the force's derivative by the last-layer weights, up to the sign and the
+    model's scale), columns ordered (x, y, z) x feature. One backward pass per feature: the graphs of a
+    batch are disjoint, so the gradient of a feature summed over all of them is, at each atom, its
+    own structure's."""
+    features = llpr_features(model, node_feats, head)
+    sums = features.new_zeros((n_graphs, features.shape[1])).index_add_(0, graph_of_atom, features)
+    total = sums.sum(dim=0)
+    columns = [torch.autograd.grad(total[k], positions, retain_graph=True)[0] for k in range(len(total))]
+    return torch.stack(columns, dim=-1).reshape(len(positions), -1)

@@ -46,6 +46,7 @@ class PreviousLatents:
         }
         self.with_forces = "forces" in self._ds.variables
         self.with_layer_energy = "layer_energy" in self._ds.variables
+        self.with_jacobian = "llpr_force_jacobian" in self._ds.variables
 
     def has(self, key: str) -> bool:
         return key in self._index
@@ -62,6 +63,8 @@ class PreviousLatents:
             item["energy"] = float(self._ds["energy"][row])
         if self.with_layer_energy:
             item["layer_energy"] = self._ds["layer_energy"][offset : offset + n]
+        if self.with_jacobian:
+            item["llpr_force_jacobian"] = self._ds["llpr_force_jacobian"][offset : offset + n]
         return item
 
     def close(self) -> None:

@@ -31,7 +31,13 @@ from mace_ood.extract.oom import (
     free_device_memory,
     is_out_of_memory,
 )
-from mace_ood.extract.readout import earlier_readout_energies, head_index, llpr_unsupported
+from mace_ood.extract.readout import (
+    earlier_readout_energies,
+    head_index,
+    hidden_width,
+    llpr_force_jacobian,
+    llpr_unsupported,
+)
 from mace_ood.structures import MIN_DISTANCE_A
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,10 @@ class LatentExtractor:
     compute_forces
         Also return forces, per-atom energies and the energy from the same forward pass
         (needs autograd: roughly 2-3x the cost and memory of a latent-only pass).
+    llpr_forces
+        With ``compute_forces``, also return ``llpr_force_jacobian`` (LLPR propagated to the forces,
+        :mod:`mace_ood.score.llpr`): one more backward pass per LLPR feature (17 for a two-layer
+        model with 16 hidden channels). Asked for a family of one model, which has no committee.
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class LatentExtractor:
         compute_forces: bool = False,
         expected_sha256: str | None = None,
         head: str | None = None,
+        llpr_forces: bool = False,
     ) -> None:
         import mace.data
         from mace.tools import AtomicNumberTable
@@ -100,6 +111,9 @@ class LatentExtractor:
         self.llpr_unsupported = llpr_unsupported(self.model)
         self.n_layer_energies = len(self.model.readouts) - 1 if self.llpr_unsupported is None else 0
         self._head_index = head_index(self.model, self.head)
+        self.n_llpr_jacobian = 0
+        if llpr_forces and compute_forces and self.llpr_unsupported is None:
+            self.n_llpr_jacobian = 3 * (self.n_layer_energies + hidden_width(self.model))
 
     def graph(self, atoms: Atoms):
         """mace's AtomicData for one structure, in the model's dtype."""
@@ -125,7 +139,10 @@ class LatentExtractor:
                 f"out of memory: {n_atoms} atoms exceed the budget of {self.max_atoms_per_forward}"
             )
         batch = (batch if batch is not None else self.collate(graphs)).to(self.device)
-        if self.compute_forces:
+        if self.n_llpr_jacobian:
+            arrays = self._forward_with_jacobian(batch)
+            energies = arrays.pop("energy").cpu().numpy()
+        elif self.compute_forces:
             with torch.enable_grad():
                 out = self.model(batch.to_dict(), compute_force=True)
             arrays = {
@@ -139,7 +156,7 @@ class LatentExtractor:
                 out = self.model(batch.to_dict(), compute_force=False)
                 arrays = {"latent": out["node_feats"].index_select(1, self.columns)}
             energies = None
-        if self.n_layer_energies:
+        if self.n_layer_energies and "layer_energy" not in arrays:
             with torch.inference_mode():
                 arrays["layer_energy"] = earlier_readout_energies(
                     self.model, out["node_feats"].detach(), self._head_index
@@ -154,6 +171,26 @@ class LatentExtractor:
                 item["energy"] = float(energies[i])
             results.append(item)
         return results
+
+    def _forward_with_jacobian(self, batch) -> dict[str, torch.Tensor]:
+        """Latents, forces (-dE/dr, as mace computes them), energies, layer energies and the LLPR force
+        Jacobian from one forward pass whose graph is kept for the feature gradients."""
+        data = batch.to_dict()
+        with torch.enable_grad():
+            out = self.model(data, compute_force=False)  # mace makes the positions require grad
+            positions, node_feats = data["positions"], out["node_feats"]
+            forces = -torch.autograd.grad(out["energy"].sum(), positions, retain_graph=True)[0]
+            jacobian = llpr_force_jacobian(self.model, node_feats, positions, data["batch"], int(batch.num_graphs),
+                                           self._head_index)
+            layer_energy = earlier_readout_energies(self.model, node_feats.detach(), self._head_index)
+        arrays = {
+            "latent": node_feats.detach().index_select(1, self.columns), "forces": forces.detach(),
+            "node_energy": out["node_energy"].detach(), "energy": out["energy"].detach(),
+            "llpr_force_jacobian": jacobian.detach(),
+        }
+        if self.n_layer_energies:
+            arrays["layer_energy"] = layer_energy.detach()
+        return arrays
 
     def outputs(
         self,
@@ -221,6 +258,8 @@ class LatentExtractor:
                     out[name][domain.core_in_structure] = values[domain.core_in_cluster]
             if self.compute_forces:
                 out["energy"] = float(out["node_energy"].sum())
+            if "llpr_force_jacobian" in out:  # a domain's gradients miss its halo's share: not computed
+                out["llpr_force_jacobian"][:] = np.nan
             log.info("%d atoms computed in %d domains (grid %s, halo %.1f A)", len(atoms), len(domains), candidate, halo)
             return out
         raise DoesNotFitError(

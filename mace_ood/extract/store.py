@@ -14,6 +14,9 @@ Layout::
     forces(atom, xyz), node_energy(atom), energy(structure)    only when forces are asked for
     layer_energy(atom, layer)  per-atom output of each earlier layer's linear readout for the
                                file's head (LLPR, mace_ood.score.llpr); L-1 columns, when L > 1
+    llpr_force_jacobian(atom, llpr_jacobian)   the gradient by the atom's position of each of its
+                               structure's summed LLPR features, (x, y, z) x feature: LLPR propagated
+                               to the forces; only for a family of one model (``llpr_forces``)
 
 The file is written under ``<name>.partial`` and renamed when closed complete, so a
 file with the final name is always whole. netCDF4/HDF5 is not thread-safe: write from
@@ -77,6 +80,7 @@ class LatentWriter:
         on_durable: Callable[[int, int, Any], None] | None = None,
         resume_from: tuple[int, int] | None = None,
         n_layer_energies: int = 0,
+        n_llpr_jacobian: int = 0,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -86,6 +90,7 @@ class LatentWriter:
         self.dtype = np.dtype(dtype)
         self.with_forces = with_forces
         self.n_layer_energies = int(n_layer_energies)
+        self.n_llpr_jacobian = int(n_llpr_jacobian)
         self.on_durable = on_durable
         self._buffer: dict[str, list[np.ndarray]] = {}
         self._buffered = 0
@@ -123,6 +128,15 @@ class LatentWriter:
             )
             ds["layer_energy"].long_name = "per-atom output of each earlier layer's linear readout (head of the file)"
             self._atom_vars["layer_energy"] = (self.n_layer_energies,)
+        if self.n_llpr_jacobian:
+            ds.createDimension("llpr_jacobian", self.n_llpr_jacobian)
+            ds.createVariable(
+                "llpr_force_jacobian", self.dtype, ("atom", "llpr_jacobian"),
+                chunksizes=(self.chunk_atoms, self.n_llpr_jacobian), **compress,
+            )
+            ds["llpr_force_jacobian"].long_name = (
+                "gradient by the atom's position of its structure's summed LLPR features, (x, y, z) x feature")
+            self._atom_vars["llpr_force_jacobian"] = (self.n_llpr_jacobian,)
         for name, kind in (("atom_offset", "i8"), ("n_atoms", "i4"), ("frame_index", "i4")):
             ds.createVariable(name, kind, ("structure",), chunksizes=(STRUCTURE_CHUNK,))
         for name in STRING_FIELDS:
@@ -145,8 +159,11 @@ class LatentWriter:
         stored_layers = ds["layer_energy"].shape[1] if "layer_energy" in ds.variables else 0
         if stored_layers:
             self._atom_vars["layer_energy"] = (stored_layers,)
+        stored_jacobian = ds["llpr_force_jacobian"].shape[1] if "llpr_force_jacobian" in ds.variables else 0
+        if stored_jacobian:
+            self._atom_vars["llpr_force_jacobian"] = (stored_jacobian,)
         if (ds["latent"].shape[1] != self.n_features or ("forces" in ds.variables) != self.with_forces
-                or stored_layers != self.n_layer_energies):
+                or stored_layers != self.n_layer_energies or stored_jacobian != self.n_llpr_jacobian):
             ds.close()
             raise ValueError(f"{self.tmp_path}: does not match the settings of this extraction")
         self._ds = ds
@@ -177,11 +194,13 @@ class LatentWriter:
         energy: float | None = None,
         tag: Any = None,
         layer_energy: np.ndarray | None = None,
+        llpr_force_jacobian: np.ndarray | None = None,
     ) -> None:
         """Add one structure's latents, shape (n_atoms, n_features), and its description.
 
         With ``with_forces``, its predicted forces (n_atoms, 3), per-atom energies and energy too.
-        With ``n_layer_energies``, its ``layer_energy`` (n_atoms, n_layer_energies).
+        With ``n_layer_energies``, its ``layer_energy`` (n_atoms, n_layer_energies); with
+        ``n_llpr_jacobian``, its ``llpr_force_jacobian`` (n_atoms, n_llpr_jacobian).
         ``tag`` is handed back to ``on_durable`` once this structure is durable.
         """
         if latents.ndim != 2 or latents.shape[1] != self.n_features:
@@ -190,6 +209,8 @@ class LatentWriter:
             raise ValueError(f"{structure_id}: this file stores forces and energies; none given")
         if self.n_layer_energies and layer_energy is None:
             raise ValueError(f"{structure_id}: this file stores layer energies (LLPR); none given")
+        if self.n_llpr_jacobian and llpr_force_jacobian is None:
+            raise ValueError(f"{structure_id}: this file stores the LLPR force Jacobian; none given")
         meta = {
             "structure_id": structure_id, "source_file": source_file, "formula": formula,
             "info_json": info_json, "frame_index": int(frame_index), "n_atoms": latents.shape[0],
@@ -203,6 +224,10 @@ class LatentWriter:
         if self.n_layer_energies:
             self._buffer["layer_energy"].append(
                 np.asarray(layer_energy, dtype=self.dtype).reshape(-1, self.n_layer_energies)
+            )
+        if self.n_llpr_jacobian:
+            self._buffer["llpr_force_jacobian"].append(
+                np.asarray(llpr_force_jacobian, dtype=self.dtype).reshape(-1, self.n_llpr_jacobian)
             )
         self._meta.append(meta)
         self._buffered += latents.shape[0]

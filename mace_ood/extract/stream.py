@@ -66,7 +66,8 @@ class ExtractionSummary:
 
 
 def reuse_key(
-    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None
+    model_sha256: str, files: list[str], settings: ExtractionSettings, head: str | None = None,
+    llpr_forces: bool = False,
 ) -> dict[str, str]:
     """What a finished latent file must match for its numbers to be reused: the model's content,
     the inputs' content, what changes the latents (dtype, layers, forces) and the format.
@@ -74,6 +75,8 @@ def reuse_key(
     (LLPR, stored for every model with MACE's readouts), forces and energies, not the latents."""
     numbers = {k: getattr(settings, k) for k in NUMERIC_SETTINGS}
     numbers["head"] = head
+    if llpr_forces:  # only when asked: the files of every committee keep their key
+        numbers["llpr_forces"] = True
     return {
         "model_sha256": model_sha256,
         "inputs_fingerprint": inputs_fingerprint(files),
@@ -206,7 +209,7 @@ def _open_writer(
     state = record.load() if partial_path(out_path).is_file() else None
     arguments = (out_path, extractor.n_features, settings.default_dtype, attrs, settings.chunk_atoms,
                  settings.compression, settings.forces, on_durable)
-    extra = {"n_layer_energies": extractor.n_layer_energies}
+    extra = {"n_layer_energies": extractor.n_layer_energies, "n_llpr_jacobian": extractor.n_llpr_jacobian}
     if state is not None:
         try:
             writer = LatentWriter(*arguments, (state["n_structures"], state["n_atoms"]), **extra)
@@ -232,6 +235,7 @@ def extract_to_netcdf(
     checkpoint_seconds: float = 60.0,
     expected_sha256: str | None = None,
     head: str | None = None,
+    llpr_forces: bool = False,
 ) -> ExtractionSummary:
     """Run one model over every structure of ``files`` and stream latents to ``out_path``.
 
@@ -255,6 +259,9 @@ def extract_to_netcdf(
         Called as ``progress(n_structures_done, n_atoms_done)`` after each batch.
     head
         Readout head for forces and energies of a multi-head model (see ``LatentExtractor``).
+    llpr_forces
+        Also store the LLPR force Jacobian (with ``settings.forces``; see ``LatentExtractor``): for a
+        family of one model.
     expected_sha256
         The model file's SHA-256 when the run was planned; a file that changed since is refused
         before it is unpickled.
@@ -267,7 +274,8 @@ def extract_to_netcdf(
             f"{model_path}: SHA-256 is {model_sha}, but {expected_sha256.lower()} was planned; the file changed "
             "since the run was planned, not loading it"
         )
-    key = reuse_key(model_sha, files, settings, head)
+    llpr_forces = llpr_forces and settings.forces
+    key = reuse_key(model_sha, files, settings, head, llpr_forces)
     record = ResumeRecord(out_path, key)
     previous_file = None
     if settings.refresh:
@@ -282,7 +290,7 @@ def extract_to_netcdf(
 
     extractor = LatentExtractor(
         model_path, settings.device, settings.default_dtype, settings.layers, max_atoms_per_forward,
-        compute_forces=settings.forces, expected_sha256=model_sha, head=head,
+        compute_forces=settings.forces, expected_sha256=model_sha, head=head, llpr_forces=llpr_forces,
     )
     batch_size = batch_size or settings.batch_size
     summary = ExtractionSummary(
@@ -382,7 +390,7 @@ def _stream(
                 formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
                 structure_hash=item["hash"], forces=output.get("forces"),
                 node_energy=output.get("node_energy"), energy=output.get("energy"), tag=item["consumed"],
-                layer_energy=output.get("layer_energy"),
+                layer_energy=output.get("layer_energy"), llpr_force_jacobian=output.get("llpr_force_jacobian"),
             )
         if time.monotonic() - last_checkpoint > checkpoint_seconds:
             writer.checkpoint()

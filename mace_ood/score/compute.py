@@ -24,6 +24,9 @@ Per atom, for S seeds with latents z_s (F channels):
   varsigma^2 I)^-1 f) of the atom's readout features f (:mod:`mace_ood.score.llpr`); per structure
   also ``llpr_energy_std``, mean_s of alpha_s sqrt(f^T (F^T F + varsigma^2 I)^-1 f) with f summed over
   the structure's atoms: the energy's standard deviation in eV when alpha was calibrated.
+- ``llpr_force_std``: LLPR propagated to the forces, mean_s sqrt(mean_xyz J^T (sum J J^T +
+  varsigma^2 I)^-1 J) of the gradients J of the structure's summed readout features by the atom's
+  position; only where the Jacobian was stored (a family of one model), unscaled.
 
 Per structure: ``<score>`` is the mean over its atoms of each per-atom score and
 ``<score>_max`` the max (a vacancy or a surface is a few unusual atoms among many);
@@ -64,7 +67,7 @@ UNITS = {
     "latent_variance": "latent^2", "aligned_latent_variance": "latent^2", "mahalanobis": "1",
     "knn_distance": "latent", "gmm_nll": "nat", "force_deviation": "eV/Angstrom",
     "energy_std_per_atom": "eV/atom", "combined": "1", "descriptor": "latent", "llpr": "1",
-    "llpr_energy_std": "eV",
+    "llpr_energy_std": "eV", "llpr_force_std": "1",
 }
 
 
@@ -131,6 +134,19 @@ def llpr_scores(latents: xr.Dataset, llpr: list) -> dict[str, xr.DataArray]:
     std = da.map_blocks(_llpr_structure_std, sums.rechunk({1: -1}), llpr, drop_axis=1, dtype=np.float64)
     return {"atom": xr.DataArray(combined[:, 0], dims=("atom",)),
             "structure": xr.DataArray(std, dims=("structure",))}
+
+
+def _llpr_force_block(jacobian: np.ndarray, llpr: list) -> np.ndarray:
+    return np.mean([seed.atom_force_std(j) for j, seed in zip(jacobian, llpr, strict=True)], axis=0)
+
+
+def llpr_force_scores(latents: xr.Dataset, llpr: list) -> xr.DataArray | None:
+    """Lazy per-atom ``llpr_force_std`` where the Jacobian was stored and the reference inverted it."""
+    if "llpr_force_jacobian" not in latents or any(seed.force_inverse is None for seed in llpr):
+        return None
+    data = latents["llpr_force_jacobian"].transpose("seed", "atom", "llpr_jacobian").data.rechunk({0: -1, 2: -1})
+    return xr.DataArray(da.map_blocks(_llpr_force_block, data, llpr, drop_axis=(0, 2), dtype=np.float64),
+                        dims=("atom",))
 
 
 def atom_latent_variance(latent: xr.DataArray) -> xr.DataArray:
@@ -314,6 +330,9 @@ def _compute_scores(latents: xr.Dataset, reference: FamilyReference | None, devi
     if llpr_parts:
         per_atom["llpr"] = llpr_parts["atom"]
         out["llpr_energy_std"] = llpr_parts["structure"]
+    force_std = llpr_force_scores(latents, llpr) if llpr else None
+    if force_std is not None:
+        per_atom["llpr_force_std"] = force_std
     if "forces" in latents and committee:
         forces = latents["forces"].transpose("seed", "atom", "xyz").data.rechunk({0: -1, 2: -1})
         per_atom["force_deviation"] = xr.DataArray(

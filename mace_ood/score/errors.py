@@ -2,8 +2,8 @@
 
 :func:`force_errors` is each structure's force RMSE of the ensemble-mean forces against the
 reference forces (streamed frame by frame). :func:`fit_error_model` maps the committee's force
-deviation sigma (``force_deviation_mean``; the ranking score where there is no committee) to the
-force RMSE with a power law, err = a sigma^b (b > 0), fitted on a labelled validation dataset:
+deviation sigma (``force_deviation_mean``; for a family of one model LLPR propagated to its forces,
+``llpr_force_std``) to the force RMSE with a power law, err = a sigma^b (b > 0), fitted on a labelled validation dataset:
 strictly increasing, so the prediction ranks structures exactly as its input does, inside the
 validation range and beyond it. The upper bound is normalized conformal over the validation's
 runs (:mod:`mace_ood.runs`): every run serves both the fit and the bound, the ratios true /

@@ -68,6 +68,11 @@ def _combine_seeds(paths: list, opened: list[xr.Dataset], chunk_atoms: int | Non
             [ds["layer_energy"].chunk({"atom": chunk_atoms, "layer": -1}) for ds in opened],
             dim="seed", coords="minimal", compat="override", join="override",
         )
+    if all("llpr_force_jacobian" in ds for ds in opened):
+        out["llpr_force_jacobian"] = xr.concat(
+            [ds["llpr_force_jacobian"].chunk({"atom": chunk_atoms, "llpr_jacobian": -1}) for ds in opened],
+            dim="seed", coords="minimal", compat="override", join="override",
+        )
     for name, values in table.items():
         out[name] = ("structure", values)
     out.attrs["seed_files"] = [str(p) for p in paths]

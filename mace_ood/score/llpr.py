@@ -20,6 +20,19 @@ held-out calibration part of the training set, which the model was trained on (s
 too small: the caveat is stored and reported). Per atom (localisation), the same form with the
 atom-level matrix F_a^T F_a / N_a over the fit atoms, unitless (a leverage, like Mahalanobis).
 
+Forces (a family of one model, which has no committee deviation): a force is minus the gradient of
+the energy, so it is linear in the same last-layer weights, with the gradient J of the summed features
+by the atom's position in place of f. The training forces constrain those weights far more than the
+energies (3 N labels a structure, weighted about 100x in MACE's loss), so the rigidity is the forces'
+Gauss-Newton matrix, and per atom
+
+    sigma_F^2(atom) = mean over x, y, z of J^T (sum over fit atoms and components of J J^T + varsigma^2 I)^-1 J,
+
+``llpr_force_std`` (unscaled: the force error model, :mod:`mace_ood.score.errors`, calibrates it on
+the validation forces). J is stored at extraction (``llpr_force_jacobian``, one backward pass per
+feature). On the committed one-model Pd family this matrix ranked the true force error better than
+F^T F or F^T F + J^T J (tests/test_llpr_forces.py prints the comparison).
+
 Stored at extraction: only ``layer_energy`` (atom, L-1), the earlier readouts' per-atom
 outputs for the head. The hidden activation is recomputed from the stored last-layer latents
 with the model's own ``linear_1`` (as a matrix) and activation, which the fit keeps (a few kB) in the
@@ -142,6 +155,7 @@ class SeedLLPR:
     calibrated_on: str = "none"  # "validation <dataset>", "training runs of the first folds (trained on)", "none"
     n_calibration: int = 0
     gram: np.ndarray = field(default=None, repr=False)  # F^T F (kept to recalibrate)
+    force_inverse: np.ndarray | None = None  # (sum J J^T + varsigma^2 I)^-1 where the Jacobian was stored
 
     def structure_std(self, structure_features: np.ndarray) -> np.ndarray:
         """alpha sqrt(f^T (F^T F + varsigma^2 I)^-1 f) per row of (k, D) summed features (eV when calibrated)."""
@@ -149,6 +163,11 @@ class SeedLLPR:
 
     def atom_score(self, atom_features: np.ndarray) -> np.ndarray:
         return np.sqrt(_quadratic(atom_features, self.atom_inverse))
+
+    def atom_force_std(self, jacobian: np.ndarray) -> np.ndarray:
+        """sqrt(mean over x, y, z of J^T (sum J J^T + varsigma^2 I)^-1 J) per row of (n, 3 D) Jacobians."""
+        rows = np.asarray(jacobian, dtype=np.float64).reshape(len(jacobian) * 3, -1)
+        return np.sqrt(_quadratic(rows, self.force_inverse).reshape(len(jacobian), 3).mean(axis=1))
 
 
 def _quadratic(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -257,6 +276,20 @@ def _structure_blocks(offsets: np.ndarray, counts: np.ndarray, rows: np.ndarray,
         start = stop
 
 
+def jacobian_gram(latents, seed: int, rows: np.ndarray, block_atoms: int = 65536) -> np.ndarray:
+    """sum over the atoms of structures ``rows`` and x, y, z of J J^T, from the stored Jacobian."""
+    offsets, counts = latents["atom_offset"].values, latents["n_atoms"].values
+    width = latents.sizes["llpr_jacobian"] // 3
+    gram = np.zeros((width, width))
+    for block in _structure_blocks(offsets, counts, rows, block_atoms):
+        a, b = int(offsets[block[0]]), int(offsets[block[-1]] + counts[block[-1]])
+        values = latents["llpr_force_jacobian"].isel(seed=seed, atom=slice(a, b)).values
+        rows_xyz = np.asarray(values, dtype=np.float64).reshape(-1, width)
+        rows_xyz = rows_xyz[np.isfinite(rows_xyz).all(axis=1)]  # computed in domains: not stored
+        gram += rows_xyz.T @ rows_xyz
+    return gram
+
+
 def seed_features(latents, seed: int, readout: ReadoutMap, rows: np.ndarray, block_atoms: int = 65536):
     """Yield (per-atom features, per-structure summed features) of seed ``seed`` over structures
     ``rows``, a block of consecutive structures at a time (memory flat)."""
@@ -301,6 +334,9 @@ def fit_family_llpr(
         for atom_features, sums in seed_features(latents, s, readout, np.flatnonzero(fit), block_atoms):
             accumulator.add(atom_features, sums)
         seed_llpr = accumulator.seed_llpr(readout)
+        if "llpr_force_jacobian" in latents:
+            seed_llpr.force_inverse = regularised_inverse(jacobian_gram(latents, s, np.flatnonzero(fit), block_atoms),
+                                                          DEFAULT_LAMBDA)
         if known.sum() >= 2:
             sums = np.concatenate([block_sums for _, block_sums in
                                    seed_features(labelled, s, readout, rows[known], block_atoms)])

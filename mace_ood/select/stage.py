@@ -162,9 +162,11 @@ def fit_validation_errors(
 
 def error_input(table: pd.DataFrame, score: str) -> str:
     """What the force error is predicted from: the committee's force deviation where the run has it
-    (errors scale with it; the ranking score is a p-value), else the ranking score."""
-    if "force_deviation_mean" in table.columns and np.isfinite(table["force_deviation_mean"]).any():
-        return "force_deviation_mean"
+    (errors scale with it; the ranking score is a p-value), else, for a family of one model, LLPR
+    propagated to its forces (``llpr_force_std``), else the ranking score."""
+    for column in ("force_deviation_mean", "llpr_force_std"):
+        if column in table.columns and np.isfinite(table[column]).any():
+            return column
     return score
 
 

@@ -79,7 +79,7 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> Extract
     summary = extract_to_netcdf(
         job.model_path, list(job.files), job.out_path,
         settings.model_copy(update={"device": device}), batch_size=batch_size, progress=progress,
-        expected_sha256=job.model_sha256, head=job.head,
+        expected_sha256=job.model_sha256, head=job.head, llpr_forces=job.llpr_forces,
     )
     update_progress_artifact(artifact, 100.0)
     if summary.reused:

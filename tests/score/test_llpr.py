@@ -227,3 +227,79 @@ def test_a_model_without_mace_s_readouts_gets_every_score_but_llpr(tmp_path):
     })
     names, missing = family_scores(config, 1, info.llpr_unsupported)
     assert "llpr" not in names and "mahalanobis_max" in names and "LLPR: its last readout" in missing
+
+
+@pytest.fixture(scope="module", params=[None, "pt_head"], ids=["plain", "multihead"])
+def one_model_run(request, tmp_path_factory):
+    """A family of one model, extracted as a run extracts it (forces and the LLPR force Jacobian)."""
+    head = request.param
+    root = tmp_path_factory.mktemp("llpr_forces")
+    model = root / "m.model"
+    torch.save(build_tiny_mace(3, heads=["Default", "pt_head"] if head else None), model)
+    files = {"train": write_dataset(root, "train", random_structures(24, seed=1)),
+             "test": write_dataset(root, "test", random_structures(6, seed=2))}
+    settings = ExtractionSettings(device="cpu", forces=True, batch_size=4)  # several graphs a forward pass
+    latents = {name: (str(extract_to_netcdf(model, [str(f)], root / f"{name}.nc", settings, head=head,
+                                            llpr_forces=True).path),)
+               for name, f in files.items()}
+    own = EvaluationPlan("F", "train", True, latents["train"])
+    reference_file = fit_family_reference(own, root, ScoresConfig())
+    scores = score_evaluation(EvaluationPlan("F", "test", False, latents["test"]), root, 16, reference_file)
+    train, test = (ase.io.read(files[name], ":") for name in ("train", "test"))
+    return {"model": model, "head": head, "latents": latents, "train": train, "test": test, "scores": scores,
+            "reference": FamilyReference.load(reference_file),
+            "train_ids": [str(i) for i in read_structure_table(latents["train"][0])["structure_id"]]}
+
+
+def test_the_force_jacobian_is_the_finite_difference_of_hooked_features(one_model_run):
+    """Each stored column is d(sum over the structure of an LLPR feature) / d(an atom's position), as
+    central differences of the features hooked out of mace's calculator give it; the forces stored with
+    it are the calculator's."""
+    from mace.calculators import MACECalculator
+
+    run, step = one_model_run, 1e-5
+    with xr.open_dataset(run["latents"]["test"][0]) as ds:
+        jacobian, forces = ds["llpr_force_jacobian"].values, ds["forces"].values
+        offsets = ds["atom_offset"].values
+    width = jacobian.shape[1] // 3
+    calc = MACECalculator(model_paths=str(run["model"]), device="cpu", default_dtype="float64",
+                          **({"head": run["head"]} if run["head"] else {}))
+    for index in (0, 5):
+        atoms = run["test"][index]
+        probe = atoms.copy()
+        probe.calc = calc
+        np.testing.assert_allclose(forces[offsets[index]:offsets[index] + len(atoms)], probe.get_forces(), atol=1e-9)
+        for atom in (0, len(atoms) - 1):
+            for axis in range(3):
+                moved = []
+                for sign in (1, -1):
+                    shifted = atoms.copy()
+                    shifted.positions[atom, axis] += sign * step
+                    moved.append(hooked_features(run["model"], [shifted], run["head"])[0].sum(axis=0))
+                expected = (moved[0] - moved[1]) / (2 * step)
+                stored = jacobian[offsets[index] + atom].reshape(3, width)[axis]
+                np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+
+
+def test_llpr_force_std_equals_numpy_over_the_fit_structures(one_model_run):
+    """sqrt(mean over x, y, z of J^T (sum J J^T + varsigma^2 I)^-1 J) per atom, structure mean, with the
+    sum over the fit structures' stored Jacobians (the calibration folds left out) in plain numpy."""
+    run, reference = one_model_run, one_model_run["reference"]
+    first = llpr_calibration_folds(len(reference.folds))
+    excluded = {i for i, fold in reference.structure_fold.items() if fold < first} if reference.folds else set()
+    with xr.open_dataset(run["latents"]["train"][0]) as ds:
+        train_j, train_offsets, train_counts = (ds[v].values for v in ("llpr_force_jacobian", "atom_offset", "n_atoms"))
+    width = train_j.shape[1] // 3
+    rows = np.concatenate([train_j[o:o + n].reshape(-1, width) for o, n, sid in
+                           zip(train_offsets, train_counts, run["train_ids"], strict=True) if sid not in excluded])
+    gram = rows.T @ rows
+    inverse = np.linalg.inv(gram + LAMBDA * np.trace(gram) / width * np.eye(width))
+    with xr.open_dataset(run["latents"]["test"][0]) as ds:
+        test_j, offsets, counts = (ds[v].values for v in ("llpr_force_jacobian", "atom_offset", "n_atoms"))
+    per_atom = np.sqrt(np.einsum("ij,jk,ik->i", test_j.reshape(-1, width), inverse, test_j.reshape(-1, width))
+                       .reshape(-1, 3).mean(axis=1))
+    expected = [per_atom[o:o + n].mean() for o, n in zip(offsets, counts, strict=True)]
+    with xr.open_dataset(run["scores"]) as ds:
+        np.testing.assert_allclose(ds["atom_llpr_force_std"].values, per_atom, rtol=1e-8)
+        np.testing.assert_allclose(ds["llpr_force_std"].values, expected, rtol=1e-8)
+    assert len(rows) < 3 * sum(train_counts) or reference.calibration_in_sample
