@@ -260,6 +260,8 @@ class LatentExtractor:
                 out["energy"] = float(out["node_energy"].sum())
             if "llpr_force_jacobian" in out:  # a domain's gradients miss its halo's share: not computed
                 out["llpr_force_jacobian"][:] = np.nan
+                log.warning("LLPR force Jacobian not computed for a structure split into domains: its "
+                            "llpr_force_std and predicted force error are NaN")
             log.info("%d atoms computed in %d domains (grid %s, halo %.1f A)", len(atoms), len(domains), candidate, halo)
             return out
         raise DoesNotFitError(
