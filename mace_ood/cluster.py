@@ -98,6 +98,8 @@ WORKER_PRELOAD = ("distributed", "torch", "e3nn", "mace.modules", "mace_ood.extr
 # Prefect reads its settings (the flow's API URL among them) when it is imported: the forkserver is
 # started with the workers' environment, and started again for a run whose Prefect settings differ.
 PREFECT_PRELOAD = ("prefect", "prefect.main", "prefect.task_engine", "prefect_dask")
+# last: the forked workers ignore SIGINT (mace_ood/worker_signals.py says why)
+SIGNAL_PRELOAD = ("mace_ood.worker_signals",)
 _forkserver_lock = threading.Lock()
 _own_forkserver_pid: int | None = None
 _forkserver_prefect: tuple[tuple[str, str], ...] | None = None  # the PREFECT_* variables it imported Prefect with
@@ -165,7 +167,7 @@ def _start_forkserver(worker_env: dict[str, str]) -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload([*WORKER_PRELOAD, *PREFECT_PRELOAD])
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*WORKER_PRELOAD, *PREFECT_PRELOAD, *SIGNAL_PRELOAD])
     # the server inherits this process's environment as it is now: OpenMP and BLAS read their
     # thread settings once, when the server imports torch, and Prefect its settings
     stale = [k for k in os.environ if k.startswith("PREFECT_") and k not in worker_env]

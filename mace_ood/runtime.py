@@ -78,15 +78,20 @@ def hdf5_in_this_thread():
 
 
 def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
-    """Kill every descendant of this process and reap them (waiting up to ``grace_s``; no orphan,
-    no zombie); returns how many there were. Scanned again until none is left,
-    since a Dask nanny may start a new worker for one that just died."""
+    """Kill every descendant of this process but multiprocessing's resource tracker and reap them
+    (waiting up to ``grace_s``; no orphan, no zombie); returns how many there were. Scanned again
+    until none is left.
+
+    The resource tracker is left alone: it exits by itself once the last end of its pipe (this
+    process's, at exit) is closed, after cleaning what the killed workers left, its stderr on
+    /dev/null (:func:`quiet_resource_tracker`). Killed with the workers, a dying worker relaunched it
+    with the terminal's stderr and the new one printed a KeyError traceback; closing this process's
+    end early (the previous way) made the run's other threads' multiprocessing finalizers print
+    ``OSError``/``FileNotFoundError`` tracebacks and start a new, loud tracker (benchmarks/interrupts.py)."""
     import psutil
 
-    # multiprocessing's resource tracker goes last: killed with the workers, a dying worker
-    # relaunched it ("process died unexpectedly") with the terminal's stderr, and the new one
-    # printed a KeyError traceback for semaphores it had never seen, after the one-line message
     tracker = _resource_tracker_pid()
+    _no_worker_restarts()
     _adopt_orphans()
     stopped = 0
     for _ in range(5):
@@ -101,9 +106,18 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
             with suppress(psutil.NoSuchProcess):
                 child.kill()
         psutil.wait_procs(children, timeout=grace_s)
-    if tracker is not None:
-        stopped += _stop_resource_tracker(tracker, grace_s)
     return stopped
+
+
+def _no_worker_restarts() -> None:
+    """Tell this process's Dask nannies that their workers are going away (``Nanny.close_gracefully``,
+    Dask's own signal for a cluster's shutdown): else a nanny restarted the worker killed next, and
+    the new process, spawned by a parent about to exit, printed its failure under the one-line
+    message (``spawn_main ... SemLock._rebuild: FileNotFoundError``, benchmarks/interrupts.py)."""
+    nanny = sys.modules.get("distributed.nanny")
+    for instance in list(getattr(getattr(nanny, "Nanny", None), "_instances", ())):
+        with suppress(Exception):
+            instance.close_gracefully(reason="mace-ood stopped by a signal")
 
 
 def _adopt_orphans() -> None:
@@ -123,30 +137,6 @@ def _resource_tracker_pid() -> int | None:
 
     pid = getattr(resource_tracker._resource_tracker, "_pid", None)
     return pid if isinstance(pid, int) else None
-
-
-def _stop_resource_tracker(pid: int, grace_s: float) -> int:
-    """Close this process's end of the tracker's pipe (the workers' ends are closed: they are
-    gone), so it cleans up what they left and exits; kill it if it does not."""
-    from multiprocessing import resource_tracker
-
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return 0
-    fd = getattr(resource_tracker._resource_tracker, "_fd", None)
-    if fd is not None:
-        with suppress(OSError):
-            os.close(fd)
-        resource_tracker._resource_tracker._fd = None
-    _, alive = psutil.wait_procs([process], timeout=grace_s)
-    for child in alive:
-        with suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
-    return 1
 
 
 @contextmanager

@@ -36,6 +36,7 @@ def _worker_view() -> dict:
         "parent_pid": psutil.Process().parent().pid,
         "torch_threads": __import__("torch").get_num_threads(),
         "marker": os.environ.get("MACE_OOD_TEST_MARKER"),
+        "sigint_ignored": __import__("signal").getsignal(__import__("signal").SIGINT) is __import__("signal").SIG_IGN,
     }
 
 
@@ -84,6 +85,7 @@ def test_forked_workers_get_the_settings_of_their_run(monkeypatch):
     assert b["api_url"] == b["imported_api_url"] == url_b
     for view in (a, b):
         assert view["prefect_preloaded"] and view["torch_threads"] == 1
+        assert view["sigint_ignored"]  # a terminal's Ctrl-C is the run owner's to act on (mace_ood/worker_signals.py)
         assert any("forkserver" in part for part in view["parent"]), view["parent"]
     assert a["parent_pid"] == server_a != server_b == b["parent_pid"]
     assert method_during_a == "spawn"  # a spawned worker imports Prefect itself, with B's settings

@@ -35,34 +35,6 @@ def cli_environment(work) -> dict[str, str]:
     return env
 
 
-def without_respawn_noise(text: str) -> str:
-    """``text`` without the tracebacks raised inside CPython's multiprocessing itself (every frame
-    in ``multiprocessing/``): a worker a Dask nanny was spawning as the signal arrived failing to
-    unpickle a semaphore the dying parent had unlinked (spawn_main, SemLock._rebuild), or a
-    finalizer of a dead process unlinking one twice. Seen in 3 of 7 runs of these two cases this
-    round; a user can do nothing about them. Any traceback with a frame elsewhere (mace-ood,
-    Prefect, Dask) is kept."""
-    head, *blocks = text.split("Traceback (most recent call last):")
-    kept = []
-    for block in blocks:
-        frames = [line for line in block.splitlines() if line.strip().startswith("File ")]
-        if not frames or not all("/multiprocessing/" in line or '"<string>"' in line for line in frames):
-            kept.append(f"Traceback (most recent call last):{block}")
-    return head + "".join(kept)
-
-
-def test_respawn_noise_filter_keeps_every_other_traceback():
-    respawn = ('Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
-               '  File "/py/lib/multiprocessing/spawn.py", line 122, in spawn_main\n'
-               "FileNotFoundError: [Errno 2] No such file or directory\n")
-    finalizer = ('Exception ignored in: <Finalize object, dead>\nTraceback (most recent call last):\n'
-                 '  File "/py/lib/multiprocessing/util.py", line 224, in __call__\nFileNotFoundError: x\n')
-    other = 'Traceback (most recent call last):\n  File "/site-packages/mace_ood/flows/ood.py"\nKeyError: \'x\'\n'
-    assert "Traceback" not in without_respawn_noise("\n" + respawn + finalizer)
-    assert "KeyError" in without_respawn_noise("\n" + respawn + other)
-    assert "KeyError" in without_respawn_noise("\n" + other + finalizer)
-
-
 def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
     """Until some structures of the big dataset (T2) are durable on disk."""
     deadline = time.monotonic() + timeout_s
@@ -81,10 +53,8 @@ def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "to_group"),
-    # SIGTERM to the whole group is left out of the suite: it stopped in < 10 s in 2 of 3 tries
-    # and in 12.2 s once (README, "Never losing work")
-    [(signal.SIGINT, True), (signal.SIGTERM, False)],
-    ids=["ctrl-c-to-the-group", "kill-the-process"],
+    [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c-to-the-group", "sigterm-to-the-group", "kill-the-process"],
 )
 def test_a_signal_stops_the_run_at_once_and_running_again_resumes(prefect_server, interrupt_project, tmp_path, signum,
                                                                  to_group):
@@ -116,7 +86,10 @@ def test_a_signal_stops_the_run_at_once_and_running_again_resumes(prefect_server
     assert process.returncode == 128 + signum
     message = [line for line in stderr.splitlines() if line.startswith("interrupted by")]
     assert len(message) == 1 and "resumes" in message[0], stderr[-2000:]
-    assert "Traceback" not in without_respawn_noise(stderr.split(message[0])[-1])
+    after = stderr.split(message[0])[-1]
+    assert not after.strip(), f"printed after the one-line message:\n{after[-3000:]}"  # no filter: nothing at all
+    # multiprocessing's resource tracker exits by itself once the run's end of its pipe is closed
+    psutil.wait_procs(family, timeout=max(0.0, STOP_WITHIN_S - took))
     left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     zombies = [p for p in family if p.is_running() and p.status() == psutil.STATUS_ZOMBIE]
     assert not left and not zombies, f"left behind: {left}, zombies: {zombies}"
