@@ -70,8 +70,8 @@ def llpr_features(model: torch.nn.Module, node_feats: torch.Tensor, head: int) -
 
 
 def llpr_force_jacobian(model: torch.nn.Module, node_feats: torch.Tensor, positions: torch.Tensor,
-                        graph_of_atom: torch.Tensor, n_graphs: int, head: int) -> torch.Tensor:
-    """(n, 3 D): for each atom, the gradient with respect to its position of each of its structure's
+                        graph_of_atom: torch.Tensor, n_graphs: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, D) LLPR features (:func:`llpr_features`) and the (n, 3 D) Jacobian: for each atom, the gradient with respect to its position of each of its structure's
     summed LLPR features (the force's derivative by the last-layer weights, up to the sign and the
     model's scale), columns ordered (x, y, z) x feature. One backward pass per feature: the graphs of a
     batch are disjoint, so the gradient of a feature summed over all of them is, at each atom, its
@@ -80,4 +80,4 @@ def llpr_force_jacobian(model: torch.nn.Module, node_feats: torch.Tensor, positi
     sums = features.new_zeros((n_graphs, features.shape[1])).index_add_(0, graph_of_atom, features)
     total = sums.sum(dim=0)
     columns = [torch.autograd.grad(total[k], positions, retain_graph=True)[0] for k in range(len(total))]
-    return torch.stack(columns, dim=-1).reshape(len(positions), -1)
+    return features, torch.stack(columns, dim=-1).reshape(len(positions), -1)

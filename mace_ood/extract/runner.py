@@ -180,16 +180,15 @@ class LatentExtractor:
             out = self.model(data, compute_force=False)  # mace makes the positions require grad
             positions, node_feats = data["positions"], out["node_feats"]
             forces = -torch.autograd.grad(out["energy"].sum(), positions, retain_graph=True)[0]
-            jacobian = llpr_force_jacobian(self.model, node_feats, positions, data["batch"], int(batch.num_graphs),
-                                           self._head_index)
-            layer_energy = earlier_readout_energies(self.model, node_feats.detach(), self._head_index)
+            features, jacobian = llpr_force_jacobian(self.model, node_feats, positions, data["batch"],
+                                                     int(batch.num_graphs), self._head_index)
         arrays = {
             "latent": node_feats.detach().index_select(1, self.columns), "forces": forces.detach(),
             "node_energy": out["node_energy"].detach(), "energy": out["energy"].detach(),
             "llpr_force_jacobian": jacobian.detach(),
         }
-        if self.n_layer_energies:
-            arrays["layer_energy"] = layer_energy.detach()
+        if self.n_layer_energies:  # the features' first columns: each earlier readout's output
+            arrays["layer_energy"] = features[:, : self.n_layer_energies].detach()
         return arrays
 
     def outputs(
