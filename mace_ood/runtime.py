@@ -99,14 +99,22 @@ def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
         if not children:
             break
         stopped += len(children)
-        # SIGKILL at once: terminated gently, dying workers ran multiprocessing's finalizers and a
-        # nanny spawned a replacement whose semaphores were gone, each printing a traceback after
-        # the one-line message; what is durable is on disk already (partial files and progress)
-        for child in children:
-            with suppress(psutil.NoSuchProcess):
-                child.kill()
-        psutil.wait_procs(children, timeout=grace_s)
+        kill_processes(children, grace_s)
     return stopped
+
+
+def kill_processes(processes: list, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGKILL ``processes`` (psutil) and reap them, waiting up to ``grace_s``.
+
+    At once, not SIGTERM: terminated gently, dying workers ran multiprocessing's finalizers and a
+    nanny spawned a replacement whose semaphores were gone, each printing a traceback after the
+    one-line message; what is durable is on disk already (partial files and progress)."""
+    import psutil
+
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=grace_s)
 
 
 def _no_worker_restarts() -> None:

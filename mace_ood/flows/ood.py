@@ -23,7 +23,7 @@ from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.flows.server import is_temporary, start_temporary_server
-from mace_ood.flows.session import call_in_session
+from mace_ood.flows.session import call_in_session, raise_if_interrupted
 from mace_ood.plan import plan_run
 from mace_ood.records import (
     EvaluationPlan,
@@ -116,8 +116,12 @@ class TaskFailures(RuntimeError):
 
 
 def _gather(futures: list, names: list[str], what: str) -> list:
-    """Results of every future; one error naming each failure (finished files are kept)."""
+    """Results of every future; one error naming each failure (finished files are kept). Waits in
+    short steps: an interrupted library call stops the flow here (:func:`raise_if_interrupted`)."""
     for future in futures:
+        while not future.wrapped_future.done():
+            raise_if_interrupted()
+            future.wait(timeout=0.25)
         future.wait()
     results, failures = [], []
     for name, future in zip(names, futures, strict=True):
@@ -200,6 +204,7 @@ def _score_and_report(config: RunConfig) -> ReportResult:
         extractions, scored, selections = extract_and_score.with_options(task_runner=runner)(
             plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
         )
+    raise_if_interrupted()
     skipped = [
         {"family": r["family"], "seed": r["seed"], "dataset": r["dataset"], **s}
         for r in extractions

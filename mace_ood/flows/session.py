@@ -10,9 +10,14 @@ Dask workers. The session that a run is entered through decides what an interrup
   SIGTERM handler at each flow run, but only on the main thread, so no flow function ever has to
   arm mace-ood's again.
 - **It is a library call** (:func:`run` in a notebook or a script, or the flow called directly):
-  no signal handler is installed. An interrupt (``KeyboardInterrupt``) unwinds the flow, whose task
-  runner closes the Dask cluster through its own API and whose session stops the temporary
-  server, and is raised again to the caller. The host process (a Jupyter kernel) lives on.
+  no signal handler is installed. The flow runs on a worker thread too, and an interrupt
+  (``KeyboardInterrupt``) reaches the main thread where it only waits: raised anywhere inside
+  Prefect's code, it was caught and wrapped there (a ``PydanticSerializationError`` under load)
+  and the run went on. The session then asks the flow to stop (:func:`raise_if_interrupted`, at
+  each wait of the flow), whose task runner closes the Dask cluster through its own API; what
+  the run started and is still alive after :data:`STOP_JOIN_S` is killed, the temporary server
+  is stopped and ``KeyboardInterrupt`` is raised to the caller. The host process (a Jupyter
+  kernel) lives on.
 
 In both cases latent files are durable under ``.partial`` with a progress record, so running the
 same config again resumes.
@@ -21,6 +26,7 @@ same config again resumes.
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -30,6 +36,8 @@ from typing import Any, TypeVar
 from mace_ood.config import RunConfig, config_from_dict, load_config
 
 T = TypeVar("T")
+# how long an interrupted library call waits for its flow to close the Dask cluster itself
+STOP_JOIN_S = 8.0
 _current: contextvars.ContextVar[RunSession | None] = contextvars.ContextVar("mace_ood_run_session", default=None)
 
 
@@ -56,6 +64,8 @@ class RunSession:
         self.owns_process = owns_process and threading.current_thread() is threading.main_thread()
         self._stack: ExitStack | None = None
         self._token: contextvars.Token | None = None
+        self._interrupted = threading.Event()
+        self._processes_before: set[int] = set()
 
     def __enter__(self) -> RunSession:
         from mace_ood.flows.server import run_api
@@ -63,6 +73,9 @@ class RunSession:
 
         if _current.get() is not None:
             raise RuntimeError("a mace-ood run session is already active in this context: enter one per run")
+        import psutil
+
+        self._processes_before = {p.pid for p in psutil.Process().children(recursive=True)}
         self._stack = ExitStack()
         try:
             if self.owns_process:
@@ -79,27 +92,84 @@ class RunSession:
         _current.reset(self._token)
         self._stack.close()
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether the caller interrupted this run (a library call's ``KeyboardInterrupt``)."""
+        return self._interrupted.is_set()
+
     def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``function(*args, **kwargs)``: on a worker thread when the session owns the process (the
-        main thread waits there, its signal handler armed), else on the calling thread."""
-        if not self.owns_process:
-            return function(*args, **kwargs)
+        """``function(*args, **kwargs)`` on a worker thread, the main thread waiting: its signal
+        handler armed when the session owns the process, else ready for an interrupt."""
         outcome: dict[str, Any] = {}
         context = contextvars.copy_context()
+        # an Event, not Thread.join: a join interrupted by KeyboardInterrupt marks the thread as
+        # stopped while it still runs (CPython 3.11's _wait_for_tstate_lock releases its lock)
+        done = threading.Event()
 
         def target() -> None:
             try:
                 outcome["value"] = context.run(function, *args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread as is
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as is
                 outcome["error"] = exc
+            finally:
+                done.set()
 
-        worker = threading.Thread(target=target, name="mace-ood-run", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.5)  # short waits: the handler runs between them
+        threading.Thread(target=target, name="mace-ood-run", daemon=True).start()
+        try:
+            while not done.wait(0.5):  # short waits: a signal handler runs between them
+                pass
+        except KeyboardInterrupt:
+            self._stop(done)
+            raise
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
+
+    def _stop(self, done: threading.Event) -> None:
+        """After an interrupt: the flow stops at its next wait and closes its Dask cluster; what the
+        run started and is still alive after :data:`STOP_JOIN_S` is killed (the helpers
+        multiprocessing shares between runs, the forkserver and its resource tracker, are kept)."""
+        import psutil
+
+        from mace_ood.runtime import kill_processes
+
+        self._interrupted.set()
+        sys.stderr.write(f"\ninterrupted: stopping {self.what}; finished and partial files are kept, "
+                         "running again resumes\n")
+        if done.wait(STOP_JOIN_S):
+            return
+        helpers = {p.pid for p in psutil.Process().children() if _is_shared_helper(p)}
+        started = [p for p in psutil.Process().children(recursive=True)
+                   if p.pid not in self._processes_before and p.pid not in helpers and not _is_prefect_server(p)]
+        kill_processes(started)  # the server, if this session's, is stopped by __exit__ through its API
+
+
+def _command(process) -> str:
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _is_shared_helper(process) -> bool:
+    """multiprocessing's forkserver and resource tracker, children of this process shared by every run
+    in it (workers forked from the forkserver carry its command line: only direct children are helpers)."""
+    return any(name in _command(process) for name in ("forkserver", "resource_tracker"))
+
+
+def _is_prefect_server(process) -> bool:
+    command = _command(process)
+    return "prefect" in command and "server" in command
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` in the flow's thread once its caller has been interrupted: called
+    at each of the flow's waits, the one place the flow's own code stops."""
+    session = _current.get()
+    if session is not None and session.interrupted:
+        raise KeyboardInterrupt
 
 
 def current_session() -> RunSession | None:
