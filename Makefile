@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY ?= PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test lint docs bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -57,9 +57,18 @@ bench: setup
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
 
+# The documentation site into site/: MkDocs Material, the config and CLI pages generated from the
+# code (docs/hooks.py), the API from the docstrings (mkdocstrings); --strict: a warning fails it.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[dev,docs]" || $(PY) -m pip install -q -e ".[dev,docs]"
+	touch $@
+
 lint: setup
 	$(VENV)/bin/ruff check mace_ood tests benchmarks
 	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf $(VENV) .prefect demo_work
+	rm -rf $(VENV) .prefect demo_work site

@@ -1,5 +1,5 @@
 """Benchmark 8: the reference fit plus the calibration of a family's training set, out of fold
-against a baseline checkout (the frame-block split of 1b9cfbe), on the same latent files.
+against a baseline checkout (e.g. the frame-block split before runs were found), on the same latent files.
 
     .venv/bin/python benchmarks/reference_fit.py --baseline /path/to/old/checkout [--atoms 100000 1000000]
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_SCORE = "combined"  # no single score wins everywhere (README, "The scores")
+DEFAULT_SCORE = "combined"  # no single score wins everywhere (docs/how-it-works/scores.md)
 
 
 class ConfigError(ValueError):
@@ -28,8 +28,9 @@ class _Strict(BaseModel):
 class ModelFile(_Strict):
     """A model file with the SHA-256 it must have (checked before the pickle is loaded)."""
 
-    path: str
-    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    path: str = Field(description="The `.model` file (no glob).")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$",
+                        description="Its SHA-256 (64 hex digits; quote it in YAML if all digits).")
 
 
 class ModelFamily(_Strict):
@@ -88,7 +89,7 @@ COMMITTEE_SCORES = ("latent_variance", "latent_variance_max", "aligned_latent_va
 ONE_MODEL_SCORES = ("llpr_force_std", "llpr_force_std_max")
 ScoreName = Literal[LatentScoreName, ForceScoreName, CombinedScoreName]
 SelectStrategy = Literal["diverse", "top"]
-DEFAULT_COMBINED = ["mahalanobis_max", "force_deviation_mean"]  # README, "The scores": why these two
+DEFAULT_COMBINED = ["mahalanobis_max", "force_deviation_mean"]  # docs/how-it-works/scores.md: why these two
 Device = Literal["auto", "cpu", "cuda"]  # and cuda:N (a pattern, so not a Literal)
 DefaultDtype = Literal["float32", "float64"]
 Layers = Literal["last", "all"]
@@ -111,7 +112,7 @@ class SelectConfig(_Strict):
     alpha: float = Field(
         0.01, gt=0, lt=1,
         description="False-flag rate of `ood`: a structure is flagged when its conformal p-value against the "
-        "calibration part of the family's own training set is at most alpha (README, \"The ood flag\").",
+        "calibration part of the family's own training set is at most alpha (docs/how-it-works/ood-flag.md).",
     )
     strategy: SelectStrategy = Field(
         "diverse",
@@ -188,7 +189,7 @@ class ScoresConfig(_Strict):
             for old in ("calibration_fraction", "split_gap_frames"):
                 if old in data:
                     raise ValueError(f"scores.{old} is gone: every training structure is now calibrated out of fold "
-                                     "(scores.folds, scores.group_by; README, \"The ood flag\")")
+                                     "(scores.folds, scores.group_by; docs/how-it-works/ood-flag.md)")
         return data
 
 
@@ -321,10 +322,14 @@ class RunConfig(ExtractionSettings):
         "REF_forces", description="atoms.arrays key of the reference forces of a `validation` dataset "
         "(a calculator's forces are taken when the key is absent).",
     )
-    select: SelectConfig = Field(default_factory=SelectConfig)
-    scores: ScoresConfig = Field(default_factory=ScoresConfig)
-    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
-    dask: DaskConfig = Field(default_factory=DaskConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig,
+                                 description="The ranking score, the `ood` flag and the batch sent to DFT.")
+    scores: ScoresConfig = Field(default_factory=ScoresConfig,
+                                 description="The reference fits and the out-of-fold calibration of the scores.")
+    metadata: MetadataConfig = Field(default_factory=MetadataConfig,
+                                     description="Report columns parsed from structure names.")
+    dask: DaskConfig = Field(default_factory=DaskConfig,
+                             description="Where the tasks run: a local cluster, an existing scheduler or SLURM/PBS.")
 
     @field_validator("datasets")
     @classmethod

@@ -21,7 +21,7 @@ def run(finished_run):
 
 
 def test_in_memory_scores_equal_the_runs(run):
-    """The README snippet, executed: frames held in memory, scored against the run."""
+    """The Python tutorial's snippet, executed: frames held in memory, scored against the run."""
     import glob
 
     files = sorted(glob.glob(str(run.path.parent / "data" / "T2" / "*.xyz")) + glob.glob(
@@ -82,13 +82,12 @@ def test_md_stops_at_the_first_frame_flagged_ood(run):
     np.testing.assert_allclose(atoms.calc.results["forces"], mean, rtol=1e-8, atol=1e-10)
 
 
-def test_the_readme_snippets_run(run, tmp_path, monkeypatch):
-    """README "From Python", executed against the tiny run (paths swapped, the MD loop shortened)."""
+def test_the_python_tutorial_snippets_run(run, tmp_path, monkeypatch):
+    """docs/tutorials/python.md, executed against the tiny run (paths swapped, the MD loop shortened)."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### From Python") : readme.index("## What comes out")]
+    section = (Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "python.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 2
     code = "\n".join(blocks)
@@ -97,6 +96,6 @@ def test_the_readme_snippets_run(run, tmp_path, monkeypatch):
     code = code.replace("steps=10_000", "steps=3")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(code, "docs/tutorials/python.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert {"combined", "combined_pvalue", "ood"} <= set(namespace["table"].columns)
     assert len(namespace["table"]) == 4

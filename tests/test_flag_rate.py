@@ -7,12 +7,12 @@ run at its own temperature and strain (and, for the alloy, its own ordering): ``
 
 - ``CuAu``: 4 runs of 30 frames (the usual training file), at the default alpha (0.01). 4 runs
   cannot deliver it: the run must say so and state what it can deliver (1/5), and new runs must
-  be flagged at most at twice that. (1b9cfbe stated 1/41 and flagged 0.10 of new runs.)
+  be flagged at most at twice that. (The per-frame rule before it stated 1/41 and flagged 0.10 of new runs.)
 - ``Pd``: 32 runs of 4 frames, at alpha = 0.1 (32 runs can deliver it). New runs must be flagged
   at most at 2 alpha.
 
 New runs are drawn the same way with other seeds, in repeats, and scored through the Python API
-against one finished run (no second flow). Shown failing on 1b9cfbe in the closing note of issue 28.
+against one finished run (no second flow). The per-frame rule fails it (CHANGELOG, 2026-12-04).
 """
 
 from __future__ import annotations

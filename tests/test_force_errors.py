@@ -9,7 +9,7 @@ forces against the ensemble-mean forces:
   0.05; the predicted error ranks them no worse than the committee deviation it is computed from;
 - novel structures (hot, strained and compressed MD, vacancy and divacancy cells, a surface): where
   the prediction is a lower bound, the true error is at or above it for 90 % or more, and the median
-  ratio true / reported is at most 3. 1b9cfbe's isotonic map reported an in-distribution ceiling
+  ratio true / reported is at most 3. The earlier isotonic map reported an in-distribution ceiling
   there (issue 35: 5-13x below the truth).
 """
 

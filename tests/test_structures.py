@@ -12,7 +12,7 @@ from mace_ood.structures import file_labels
 
 
 def quadratic_labels(files: list[str]) -> dict[str, str]:
-    """The b37067b implementation (list.count in a loop), kept as the reference."""
+    """The first implementation (list.count in a loop), kept as the reference."""
     stems = [Path(f).stem for f in files]
     clashing = {s for s in stems if stems.count(s) > 1}
     if not clashing:

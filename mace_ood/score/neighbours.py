@@ -8,7 +8,7 @@ with a torch ``cdist`` + ``topk`` kernel on the worker's device, blocked over bo
 reference rows (never an all-pairs matrix). Only an exact float32 tie can pick another neighbour
 than a float64 brute force would; the distances returned are float64 either way.
 
-Measured in ``benchmarks/all_scores.py`` (README, Benchmarks): faiss's exact search against the
+Measured in ``benchmarks/all_scores.py`` (docs/benchmarks.md): faiss's exact search against the
 torch kernel on the same rows.
 """
 

@@ -149,7 +149,7 @@ def test_sidak_adjustment_equals_one_minus_the_product():
 
 def test_a_component_far_below_its_median_cannot_veto_another():
     """Regression: a perfect strained cell (zero force deviation, new to the density score) was
-    pulled under the threshold by asinh of its negative force exceedance (b37067b: 3 of 10 flagged)."""
+    pulled under the threshold by asinh of its negative force exceedance (3 of 10 flagged with the asinh combination)."""
     rng = np.random.default_rng(8)
     n = 200
     reference = pd.DataFrame({

@@ -4,7 +4,7 @@ The committed Pd family (``tests/data/models``, trained with mace's CLI on 32 MD
 cells at 250-650 K, +-1.5 % strain) scores a pool of many loud candidates of two kinds (20 frames
 of 1400 K MD, 20 frames of MD in a cell compressed 5 %) and one cell of each of several point
 defects whose novelty sits in one or two atoms. K = the number of kinds flagged; every kind must be
-picked. 1b9cfbe picked 2 of the 6 kinds (compressed and hot only): it measured distances on the
+picked. The previous descriptor picked 2 of the 6 kinds (compressed and hot only): it measured distances on the
 structure's mean beside its single most novel atom (a random thermal draw in a hot frame, so hot
 frames were far from each other) and multiplied each candidate by its local density (an isolated
 defect's is ~0.03 of the median).
