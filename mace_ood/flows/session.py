@@ -206,14 +206,14 @@ def run(config: RunConfig | dict | str | Path, **overrides: Any):
     Parameters
     ----------
     config
-        A :class:`~mace_ood.config.RunConfig`, a mapping of its keys, or a YAML file.
+        A `RunConfig` (`mace_ood.config`), a mapping of its keys, or a YAML file.
     **overrides
         Top-level keys that replace the config's (``output_dir="runs/b"``, ``device="cuda"``).
 
     Returns
     -------
     mace_ood.api.Run
-        The finished run, as :func:`mace_ood.open_run` opens it.
+        The finished run, as `mace_ood.open_run` opens it.
     """
     from mace_ood.api import open_run
     from mace_ood.flows.ood import ood_detection
