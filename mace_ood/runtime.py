@@ -79,15 +79,11 @@ def hdf5_in_this_thread():
 
 def stop_child_processes(grace_s: float = STOP_GRACE_S) -> int:
     """Kill every descendant of this process but multiprocessing's resource tracker and reap them
-    (waiting up to ``grace_s``; no orphan, no zombie); returns how many there were. Scanned again
-    until none is left.
-
-    The resource tracker is left alone: it exits by itself once the last end of its pipe (this
-    process's, at exit) is closed, after cleaning what the killed workers left, its stderr on
-    /dev/null (:func:`quiet_resource_tracker`). Killed with the workers, a dying worker relaunched it
-    with the terminal's stderr and the new one printed a KeyError traceback; closing this process's
-    end early (the previous way) made the run's other threads' multiprocessing finalizers print
-    ``OSError``/``FileNotFoundError`` tracebacks and start a new, loud tracker (benchmarks/interrupts.py)."""
+    (:func:`kill_processes`; no orphan, no zombie), scanned again until none is left; returns how
+    many there were. The tracker exits by itself once this process's end of its pipe closes, its
+    stderr on /dev/null (:func:`quiet_resource_tracker`): killed with the workers, a dying worker
+    relaunched a loud one; closing its pipe early made other threads' finalizers print tracebacks
+    (``benchmarks/interrupts.py``)."""
     import psutil
 
     tracker = _resource_tracker_pid()
