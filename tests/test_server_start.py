@@ -44,7 +44,7 @@ def test_a_failed_task_is_one_line_naming_it_with_its_cause(project, tmp_path):
     (2 jobs, 5 attempts each: the whole project's 12 jobs took 2.5 of the suite's minutes)."""
     import yaml
 
-    from mace_ood.extract.oom import INJECT_COLLATION_BUDGET_ENV
+    from tests.oom_injection import worker_preload_env
 
     config = yaml.safe_load(project.read_text())
     root = project.parent
@@ -53,7 +53,7 @@ def test_a_failed_task_is_one_line_naming_it_with_its_cause(project, tmp_path):
     config["model_families"] = {"MACE_T1": {"trained_on": "T1", "models": [str(root / "models" / "T1_seed0.model")]}}
     small = tmp_path / "config.yaml"
     small.write_text(yaml.safe_dump(config))
-    result = run_in_a_shell(small, tmp_path, **{INJECT_COLLATION_BUDGET_ENV: "1"})
+    result = run_in_a_shell(small, tmp_path, **worker_preload_env(1, tmp_path))
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]

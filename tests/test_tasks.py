@@ -10,6 +10,7 @@ from mace_ood.config import ExtractionSettings
 from mace_ood.extract.oom import OutOfMemoryError, is_out_of_memory
 from mace_ood.extract.stream import ExtractionSummary
 from mace_ood.records import ExtractionJob
+from tests.oom_injection import inject as inject_collation_oom
 
 JOB = ExtractionJob("F", 0, "m.model", "D", ("a.xyz",), "out/seed-0.nc")
 
@@ -79,7 +80,6 @@ def test_retry_gets_past_an_oom_the_in_process_back_off_cannot(prefect_server, m
     import numpy as np
     import xarray as xr
 
-    from mace_ood.extract.oom import INJECT_COLLATION_BUDGET_ENV
     from mace_ood.extract.stream import extract_to_netcdf
     from mace_ood.testing import random_structures
 
@@ -88,7 +88,7 @@ def test_retry_gets_past_an_oom_the_in_process_back_off_cannot(prefect_server, m
     job = ExtractionJob("F", 0, str(tiny_models["T1"][0]), "D", (str(data),), str(tmp_path / "seed-0.nc"))
     settings = ExtractionSettings(device="cpu", batch_size=8, max_atoms_per_batch=128, chunk_atoms=64)
     reference = extract_to_netcdf(job.model_path, [str(data)], tmp_path / "free.nc", settings)
-    monkeypatch.setenv(INJECT_COLLATION_BUDGET_ENV, "40")
+    inject_collation_oom(40, monkeypatch)
     task = extract_module.extract_latents.with_options(retry_delay_seconds=0)
 
     @flow
@@ -103,8 +103,6 @@ def test_retry_gets_past_an_oom_the_in_process_back_off_cannot(prefect_server, m
 
 
 def test_an_out_of_memory_no_retry_fixes_fails_after_four_retries(prefect_server, tiny_models, tmp_path, monkeypatch):
-    from mace_ood.extract.oom import INJECT_COLLATION_BUDGET_ENV
-
     calls = []
     real = extract_module.extract_to_netcdf
 
@@ -119,7 +117,7 @@ def test_an_out_of_memory_no_retry_fixes_fails_after_four_retries(prefect_server
     data = tmp_path / "d.xyz"
     ase.io.write(data, random_structures(1, seed=8, sizes=(2,)))
     monkeypatch.setattr(extract_module, "extract_to_netcdf", counting)
-    monkeypatch.setenv(INJECT_COLLATION_BUDGET_ENV, "1")  # no batch of even one structure collates
+    inject_collation_oom(1, monkeypatch)  # no batch of even one structure collates
     job = ExtractionJob("F", 0, str(tiny_models["T1"][0]), "D", (str(data),), str(tmp_path / "seed-0.nc"))
     task = extract_module.extract_latents.with_options(retry_delay_seconds=0)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from mace_ood.extract.oom import OutOfMemoryError, collation_budget
-
 
 class _Failed:
     def __init__(self, exc: BaseException) -> None:
@@ -56,12 +54,8 @@ def collated(groups: Iterator[list[dict]]) -> Iterator[tuple[list[dict], object]
     """Each batch with its graphs collated into one mace Batch (None when all are copies)."""
     from mace.tools.torch_geometric.batch import Batch
 
-    budget = collation_budget()
     for batch in groups:
         graphs = [item["graph"] for item in batch if "graph" in item]
-        n_atoms = sum(int(g.num_nodes) for g in graphs)
-        if budget is not None and n_atoms > budget:
-            raise OutOfMemoryError(f"out of memory collating {n_atoms} atoms (injected budget {budget})")
         yield batch, Batch.from_data_list(graphs) if graphs else None
 
 

@@ -1,4 +1,4 @@
-"""Recognising out-of-memory errors (CUDA, CPU allocator, or the test budget)."""
+"""Recognising out-of-memory errors (CUDA, the CPU allocator, or a test's injected budget)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,6 @@ class OutOfMemoryError(RuntimeError):
 
 class DoesNotFitError(RuntimeError):
     """A structure too large for the device even split into domains: deterministic, never retried."""
-
-
-INJECT_COLLATION_BUDGET_ENV = "MACE_OOD_INJECT_ATOMS_PER_COLLATION"
-
-
-def collation_budget() -> int | None:
-    """An injected atom budget for collating one batch (tests stand it in for a device whose
-    memory a big batch exhausts before the model runs, where in-process back-off cannot help)."""
-    import os
-
-    value = os.environ.get(INJECT_COLLATION_BUDGET_ENV)
-    return int(value) if value else None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -93,7 +93,8 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
         "dashboard_address": "127.0.0.1:0",  # loopback only, a free port
         "host": "127.0.0.1",
         "env": worker_environment(n_workers, api_url),
-        "preload": ["mace_ood.worker_signals"],  # they ignore a terminal's Ctrl-C: the run's owner stops them
+        # they ignore a terminal's Ctrl-C (the run's owner stops them); the user's Dask preloads too
+        "preload": ["mace_ood.worker_signals", *dask.config.get("distributed.worker.preload", [])],
     }
     if n_gpus:
         cluster_kwargs["resources"] = {"GPU": 1}
