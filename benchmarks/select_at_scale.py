@@ -64,7 +64,7 @@ def write_dataset(root: Path, name: str, n_structures: int, template: Path, form
     import xarray as xr
 
     from mace_ood.extract.store import STRUCTURE_FIELDS  # noqa: F401 - the names written below
-    from mace_ood.paths import evaluation_label, latent_path, scores_path
+    from mace_ood.paths import RunPaths, evaluation_label
 
     rng = np.random.default_rng(seed)
     n_files = -(-n_structures // FRAMES_PER_FILE)
@@ -101,7 +101,7 @@ def write_dataset(root: Path, name: str, n_structures: int, template: Path, form
     per_atom_names = ["latent_variance", "aligned_latent_variance", "mahalanobis", "knn_distance", "gmm_nll",
                       "force_deviation", "energy_std_per_atom"]
     label = evaluation_label("F", name)
-    path = scores_path(root, label)
+    path = RunPaths(root).scores(label)
     path.parent.mkdir(parents=True, exist_ok=True)
     for score in per_atom_names:
         values = rng.gamma(4.0, 0.25, n_atoms) * np.where(shift_of_atom, 3.0, 1.0)
@@ -111,7 +111,7 @@ def write_dataset(root: Path, name: str, n_structures: int, template: Path, form
             ds[f"{score}_max"] = ("structure", np.maximum.reduceat(values, offsets))
         np.save(root / f".{label}.{score}.npy", values)
     ds.attrs.update({"family": "F", "dataset": name, "reference": int(training),
-                     "seed_files": json.dumps([str(latent_path(root, "F", name, 0))])})
+                     "seed_files": json.dumps([str(RunPaths(root).latent("F", name, 0))])})
     ds.to_netcdf(path, engine="netcdf4")
     with netCDF4.Dataset(path, "a") as nc:
         nc.createDimension("atom", n_atoms)
@@ -121,7 +121,7 @@ def write_dataset(root: Path, name: str, n_structures: int, template: Path, form
             for start in range(0, n_atoms, BLOCK):
                 variable[start : start + BLOCK] = values[start : start + BLOCK]
             (root / f".{label}.{score}.npy").unlink()
-    latents = latent_path(root, "F", name, 0)
+    latents = RunPaths(root).latent("F", name, 0)
     latents.parent.mkdir(parents=True, exist_ok=True)
     with netCDF4.Dataset(latents, "w") as nc:
         nc.createDimension("atom", n_atoms)
@@ -144,11 +144,11 @@ def config(root: Path, top_k: int):
 
 
 def evaluations(root: Path):
-    from mace_ood.paths import latent_path
+    from mace_ood.paths import RunPaths
     from mace_ood.records import EvaluationPlan
 
-    own = EvaluationPlan("F", "train", True, (str(latent_path(root, "F", "train", 0)),))
-    new = EvaluationPlan("F", "new", False, (str(latent_path(root, "F", "new", 0)),))
+    own = EvaluationPlan("F", "train", True, (str(RunPaths(root).latent("F", "train", 0)),))
+    new = EvaluationPlan("F", "new", False, (str(RunPaths(root).latent("F", "new", 0)),))
     return own, new
 
 

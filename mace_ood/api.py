@@ -30,7 +30,7 @@ from mace_ood.config import RunConfig
 from mace_ood.extract.runner import LatentExtractor
 from mace_ood.extract.stream import non_finite_output
 from mace_ood.metadata import info_fields
-from mace_ood.paths import evaluation_label
+from mace_ood.paths import RunPaths, evaluation_label
 from mace_ood.records import EvaluationPlan
 from mace_ood.report.tables import order_columns
 from mace_ood.score.calibrate import add_percentiles, training_atom_calibration
@@ -71,9 +71,14 @@ class Run:
     _models: dict = field(default_factory=dict, repr=False)
 
     @property
+    def paths(self) -> RunPaths:
+        """Where each of the run's files is."""
+        return RunPaths(self.path)
+
+    @property
     def scores(self) -> pd.DataFrame:
         """Every structure of every evaluation (``scores.csv``)."""
-        return pd.read_csv(self.path / "scores.csv", keep_default_na=True)
+        return pd.read_csv(self.paths.scores_csv, keep_default_na=True)
 
     def selected(self, family: str | None = None, dataset: str | None = None) -> pd.DataFrame:
         """The picked structures in pick order (``selected`` = 1, 2, ...), of one evaluation or all."""
@@ -99,7 +104,7 @@ class Run:
     def reference(self, family: str) -> FamilyReference:
         """The family's reference (alignment, covariance, GMM, k-NN set; fitted on the fit split)."""
         self.trained_on(family)
-        path = self.path / "reference" / f"{family}.pkl"
+        path = self.paths.reference(family)
         if not path.is_file():
             raise RunError(f"{path}: missing (was the run finished with reference scores?)")
         return FamilyReference.load(path)
@@ -111,7 +116,7 @@ class Run:
         return replace(self._models[family])
 
     def _read_models(self, family: str) -> FamilyModels:
-        folder = self.path / "latents" / family / self.trained_on(family)
+        folder = self.paths.latent(family, self.trained_on(family), 0).parent
         seed_files = sorted(folder.glob("seed-*.nc"), key=lambda p: int(p.stem.split("-")[1]))
         if not seed_files:
             raise RunError(f"{folder}: no latent files (was the run finished?)")
@@ -183,7 +188,7 @@ class Run:
         """The family's reference, its training-set table and calibration atoms (read once)."""
         if family not in self._calibrations:
             own_label = EvaluationPlan(family, self.trained_on(family), True, ()).label
-            own_file = self.path / "scores" / f"{own_label}.nc"
+            own_file = self.paths.scores(own_label)
             if not own_file.is_file():
                 raise RunError(f"{own_file}: missing (was the run finished with reference: true?)")
             table = evaluation_table(own_file, family, self.trained_on(family), True, None,
@@ -250,12 +255,18 @@ class Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """A finished run directory: ``run_config.json``, ``scores.csv``, ``reference/``, ``scores/``."""
+    """A finished run directory: ``run_config.json``, ``run.json`` saying it finished, ``scores.csv``,
+    ``reference/``, ``scores/``."""
+    from mace_ood.plan import run_status
+
     path = Path(path)
-    config_file = path / "run_config.json"
-    if not config_file.is_file() or not (path / "scores.csv").is_file():
-        raise RunError(f"{path}: not a finished mace-ood run (needs run_config.json and scores.csv)")
-    return Run(path, RunConfig.model_validate_json(config_file.read_text()))
+    paths = RunPaths(path)
+    status = run_status(path)
+    if not paths.manifest.is_file() or not paths.scores_csv.is_file() or status not in ("complete", None):
+        state = f"run.json says {status!r}" if status else "needs run_config.json and scores.csv"
+        raise RunError(f"{path}: not a finished mace-ood run ({state}; run its config again to finish it: "
+                       "finished work is reused)")
+    return Run(path, RunConfig.model_validate_json(paths.manifest.read_text()))
 
 
 class OODCalculator(Calculator):

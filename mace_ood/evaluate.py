@@ -27,6 +27,7 @@ import pandas as pd
 from scipy.stats import rankdata, spearmanr
 
 from mace_ood.files import pyplot, save_figure
+from mace_ood.paths import RunPaths
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.compute import ALL_SCORES
 from mace_ood.score.errors import force_errors
@@ -115,10 +116,11 @@ def evaluation_data(
     from mace_ood.select.table import read_selection
 
     run_dir = Path(run_dir)
-    files = sorted((run_dir / "scores").glob("*.nc"))
+    paths = RunPaths(run_dir)
+    files = sorted(paths.scores_dir.glob("*.nc"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no scores/*.nc (is this a finished mace-ood run directory?)")
-    config_file = run_dir / "run_config.json"
+    config_file = paths.manifest
     config = RunConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
     select = config.select if config else SelectConfig()
     tables = {}

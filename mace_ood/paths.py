@@ -1,7 +1,8 @@
-"""Where every output of a run lives, relative to ``output_dir`` (one place for path conventions)."""
+"""Where every output of a run lives: :class:`RunPaths`, the one place for path conventions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -9,42 +10,78 @@ def evaluation_label(family: str, dataset: str) -> str:
     return f"{family}__{dataset}"
 
 
-def latent_path(output_dir: str | Path, family: str, dataset: str, seed: int) -> Path:
-    return Path(output_dir) / "latents" / family / dataset / f"seed-{seed}.nc"
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file and folder of a run under ``root`` (its ``output_dir``): the plan, every stage, the
+    Python API and ``mace-ood evaluate`` take their paths from here."""
 
+    root: Path
 
-def scores_path(output_dir: str | Path, label: str) -> Path:
-    return Path(output_dir) / "scores" / f"{label}.nc"
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
 
+    @property
+    def manifest(self) -> Path:
+        """The run's config, written when the run is planned (``mace_ood.open_run`` reads it)."""
+        return self.root / "run_config.json"
 
-def reference_path(output_dir: str | Path, family: str) -> Path:
-    return Path(output_dir) / "reference" / f"{family}.pkl"
+    @property
+    def status(self) -> Path:
+        """The run's plan (every evaluation and its role) and whether it finished."""
+        return self.root / "run.json"
 
+    @property
+    def scores_csv(self) -> Path:
+        return self.root / "scores.csv"
 
-def selection_path(output_dir: str | Path, label: str) -> Path:
-    """The select stage's decisions for one evaluation: every structure's scores, p-value, flag and pick."""
-    return Path(output_dir) / "selection" / f"{label}.csv"
+    @property
+    def skipped_csv(self) -> Path:
+        return self.root / "skipped.csv"
 
+    @property
+    def report_xlsx(self) -> Path:
+        return self.root / "report.xlsx"
 
-def selection_summary_path(output_dir: str | Path, label: str) -> Path:
-    """What the select stage tells about one evaluation (its summary row, as JSON)."""
-    return Path(output_dir) / "selection" / f"{label}.json"
+    @property
+    def scores_dir(self) -> Path:
+        return self.root / "scores"
 
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
 
-def top_dir(output_dir: str | Path, label: str) -> Path:
-    return Path(output_dir) / "top" / label
+    @property
+    def chemiscope_dir(self) -> Path:
+        return self.root / "chemiscope"
 
+    def latent(self, family: str, dataset: str, seed: int) -> Path:
+        return self.root / "latents" / family / dataset / f"seed-{seed}.nc"
 
-def latent_pca_plot_path(output_dir: str | Path, label: str) -> Path:
-    return Path(output_dir) / "plots" / f"{label}_latent_pca.png"
+    def scores(self, label: str) -> Path:
+        return self.scores_dir / f"{label}.nc"
 
+    def reference(self, family: str) -> Path:
+        return self.root / "reference" / f"{family}.pkl"
 
-def chemiscope_path(output_dir: str | Path, label: str) -> Path:
-    return Path(output_dir) / "chemiscope" / f"{label}.json.gz"
+    def selection(self, label: str) -> Path:
+        """The select stage's decisions for one evaluation: every structure's scores, p-value, flag and pick."""
+        return self.root / "selection" / f"{label}.csv"
 
+    def selection_summary(self, label: str) -> Path:
+        """What the select stage tells about one evaluation (its summary row, as JSON)."""
+        return self.root / "selection" / f"{label}.json"
 
-def histogram_path(output_dir: str | Path, score: str) -> Path:
-    return Path(output_dir) / f"{score}_hist.png"
+    def top(self, label: str) -> Path:
+        return self.root / "top" / label
+
+    def latent_pca_plot(self, label: str) -> Path:
+        return self.plots_dir / f"{label}_latent_pca.png"
+
+    def chemiscope(self, label: str) -> Path:
+        return self.chemiscope_dir / f"{label}.json.gz"
+
+    def histogram(self, score: str) -> Path:
+        return self.root / f"{score}_hist.png"
 
 
 def partial_path(path: str | Path) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mace_ood.config import ModelFile, RunConfig
 from mace_ood.extract.models import ModelError, check_family, describe_model, sha256_of
-from mace_ood.paths import latent_path
-from mace_ood.records import EvaluationPlan, ExtractionJob
+from mace_ood.paths import RunPaths
+from mace_ood.records import EvaluationPlan, ExtractionJob, own_evaluation, validation_evaluations
 from mace_ood.structures import InputError, count_structures, resolve_files
 
 log = logging.getLogger(__name__)
@@ -18,12 +18,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunPlan:
-    """Everything a run will do, found before any of it is done."""
+    """Everything a run will do, found before any of it is done: made once (by the CLI,
+    ``mace_ood.run`` or a deployment's flow) and handed to the flow, which does not make it again."""
 
+    output_dir: str
     jobs: list[ExtractionJob] = field(default_factory=list)
     evaluations: list[EvaluationPlan] = field(default_factory=list)
     models: dict[str, list[dict]] = field(default_factory=dict)
     files: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.output_dir)
+
+    def own(self, family: str) -> EvaluationPlan:
+        """``family`` on its own training set."""
+        return own_evaluation(self.evaluations, family)
+
+    def validation(self) -> dict[str, EvaluationPlan]:
+        """Each family's evaluation on its labelled validation set, where it has one."""
+        return validation_evaluations(self.evaluations)
 
 
 def resolve_models(family: str, entries: list[str | ModelFile]) -> list[str]:
@@ -136,7 +150,7 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
         validation = config.model_families[family].validation
         if validation and not any(f == family and d == validation for f, d, _, _ in pairs):
             pairs.append((family, validation, False, False))
-    plan = RunPlan()
+    plan = RunPlan(str(output_dir))
     counts = {}
     for dataset in dict.fromkeys(dataset for _, dataset, _, _ in pairs):
         plan.files[dataset] = resolve_files(config.datasets[dataset], dataset)
@@ -153,12 +167,45 @@ def plan_run(config: RunConfig, count: bool = True) -> RunPlan:
     for family, dataset, reference, is_shown in pairs:
         outputs = []
         for seed, info in enumerate(plan.models[family]):
-            out = latent_path(output_dir, family, dataset, seed)
+            out = RunPaths(output_dir).latent(family, dataset, seed)
             plan.jobs.append(
                 ExtractionJob(family, seed, info["path"], dataset, tuple(plan.files[dataset]), str(out), counts[dataset],
                               info["sha256"], config.model_families[family].head,
                               llpr_forces=stores_llpr_forces(config, family, len(plan.models[family])))
             )
             outputs.append(str(out))
-        plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown))
+        validation = config.model_families[family].validation == dataset and not reference
+        plan.evaluations.append(EvaluationPlan(family, dataset, reference, tuple(outputs), is_shown, validation))
     return plan
+
+
+def write_manifest(config: RunConfig, plan: RunPlan) -> None:
+    """The run's manifest, written when its work starts: ``run_config.json`` (the config the run
+    resumes and ``mace_ood.open_run`` reads) and ``run.json`` (every evaluation with its role, and
+    ``status: running`` until :func:`mark_complete`)."""
+    import json
+    from dataclasses import asdict
+
+    from mace_ood.files import write_text
+
+    write_text(config.model_dump_json(indent=2), plan.paths.manifest)
+    status = {"status": "running", "evaluations": [asdict(e) for e in plan.evaluations]}
+    write_text(json.dumps(status, indent=1), plan.paths.status)
+
+
+def mark_complete(plan: RunPlan) -> None:
+    """Record in ``run.json`` that every stage of the run finished."""
+    import json
+
+    from mace_ood.files import write_text
+
+    status = json.loads(plan.paths.status.read_text())
+    write_text(json.dumps({**status, "status": "complete"}, indent=1), plan.paths.status)
+
+
+def run_status(output_dir: str | Path) -> str | None:
+    """``running`` or ``complete`` from a run's ``run.json``; None where there is none."""
+    import json
+
+    path = RunPaths(output_dir).status
+    return json.loads(path.read_text())["status"] if path.is_file() else None

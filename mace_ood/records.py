@@ -37,10 +37,21 @@ class EvaluationPlan:
     reference: bool
     latent_paths: tuple[str, ...]
     shown: bool = True  # False: extracted only to fit the family's reference
+    validation: bool = False  # the family's labelled validation set (fits its force-error model)
 
     @property
     def label(self) -> str:
         return evaluation_label(self.family, self.dataset)
+
+
+def own_evaluation(evaluations: list[EvaluationPlan], family: str) -> EvaluationPlan:
+    """The evaluation of ``family`` on its own training set (the plan has one per family)."""
+    return next(e for e in evaluations if e.family == family and e.reference)
+
+
+def validation_evaluations(evaluations: list[EvaluationPlan]) -> dict[str, EvaluationPlan]:
+    """Each family's evaluation on its labelled validation set, for the families that have one."""
+    return {e.family: e for e in evaluations if e.validation}
 
 
 class SkippedStructure(TypedDict, total=False):

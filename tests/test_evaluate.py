@@ -74,12 +74,13 @@ def forces_run(tmp_path, tiny_models, validation=None, select=None):
             extract_to_netcdf(m, [str(path)], tmp_path / "latents" / dataset / f"seed-{i}.nc", settings).path
             for i, m in enumerate(tiny_models["T1"])
         )
-        evaluations.append(EvaluationPlan("F", dataset, dataset == "D0", latent_paths))
+        evaluations.append(EvaluationPlan("F", dataset, dataset == "D0", latent_paths,
+                                          validation=(validation or {}).get("F") == dataset))
     scores = ScoresConfig(gmm_components=[1], split_block_frames=2)
     reference = fit_family_reference(evaluations[0], tmp_path, scores)
     for evaluation in evaluations:
         score_evaluation(evaluation, tmp_path, 64, reference)
-    select_run(tmp_path, evaluations, select, scores=scores, validation=validation)
+    select_run(tmp_path, evaluations, select, scores=scores)
     return evaluations
 
 

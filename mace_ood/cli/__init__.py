@@ -144,7 +144,7 @@ def run_config(cfg) -> dict:
     from mace_ood.structures import InputError
 
     try:
-        plan_run(cfg, count=False)  # fail fast, before any Prefect or Dask start-up
+        plan = plan_run(cfg)  # fail fast, before any Prefect or Dask start-up; the flow runs this plan
     except (InputError, ModelError) as exc:
         _fail(str(exc))
     from mace_ood.flows.ood import TaskFailures, ood_detection
@@ -153,7 +153,7 @@ def run_config(cfg) -> dict:
 
     try:
         with RunSession(f"mace-ood on {cfg.output_dir}", owns_process=True) as session:
-            return session.call(ood_detection, cfg)
+            return session.call(ood_detection, cfg, plan)
     except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, TaskFailures) as exc:
         _fail(str(exc))
 

@@ -24,7 +24,7 @@ from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.flows.server import is_temporary, start_temporary_server
 from mace_ood.flows.session import call_in_session, raise_if_interrupted
-from mace_ood.plan import plan_run
+from mace_ood.plan import RunPlan, mark_complete, plan_run, write_manifest
 from mace_ood.records import (
     EvaluationPlan,
     ExtractionJob,
@@ -32,9 +32,9 @@ from mace_ood.records import (
     ReportResult,
     ScoreResult,
     SelectionResult,
+    validation_evaluations,
 )
 from mace_ood.runtime import configure_process, quiet_resource_tracker
-from mace_ood.select.stage import validation_of
 from mace_ood.tasks.console import hide_console_tracebacks
 from mace_ood.tasks.extract import extract_latents
 from mace_ood.tasks.report import write_report
@@ -153,7 +153,7 @@ def extract_and_score(
             "extraction(s)",
         )
         own = [e for e in evaluations if e.reference]
-        labelled = validation_of(evaluations, {f: m.validation for f, m in config.model_families.items()})
+        labelled = validation_evaluations(evaluations)
         references = _gather(
             [fit_reference_task.submit(e, output_dir, scores, config.device, labelled.get(e.family),
                                        config.energy_key) for e in own],
@@ -175,8 +175,12 @@ def extract_and_score(
 
 
 @flow(name="mace-ood", flow_run_name="mace-ood {config.output_dir}")
-def ood_detection(config: RunConfig) -> ReportResult:
+def ood_detection(config: RunConfig, plan: RunPlan | None = None) -> ReportResult:
     """Score every evaluation of ``config`` and write the reports; returns paths and top rows.
+
+    ``plan``: :func:`mace_ood.plan.plan_run` of ``config``, where the caller made it (the CLI and
+    ``mace_ood.run`` check the input with it before any server or worker starts); a deployment's run
+    makes it here.
 
     Entered through the run's session (:mod:`mace_ood.flows.session`): the CLI's, ``mace_ood.run``'s,
     or, where none is active, one of its own (a deployment run's process owns its signals: Prefect
@@ -184,12 +188,13 @@ def ood_detection(config: RunConfig) -> ReportResult:
     again resumes from the files on disk."""
     configure_process()
     hide_console_tracebacks()
-    return call_in_session(f"mace-ood on {config.output_dir}", _score_and_report, config)
+    return call_in_session(f"mace-ood on {config.output_dir}", _score_and_report, config, plan)
 
 
-def _score_and_report(config: RunConfig) -> ReportResult:
+def _score_and_report(config: RunConfig, plan: RunPlan | None) -> ReportResult:
     logger = get_run_logger()
-    plan = plan_run(config)
+    plan = plan or plan_run(config)
+    write_manifest(config, plan)
     logger.info(
         "%d extraction job(s) over %d evaluation(s); datasets: %s",
         len(plan.jobs), len(plan.evaluations),
@@ -211,14 +216,17 @@ def _score_and_report(config: RunConfig) -> ReportResult:
         for r in extractions
         for s in r["skipped"]
     ]
-    result = write_report(config, plan.evaluations, selections, skipped)
-    result["extractions"] = [
-        {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "computed_structures",
-                           "copied_structures", "resumed_structures", "wall_s", "atoms_per_s", "reused", "worker")}
-        for r in extractions
-    ]
-    result["scoring"] = [{k: r[k] for k in ("label", "worker", "device", "wall_s")} for r in scored]
-    result["selection"] = [{k: r[k] for k in ("label", "worker", "wall_s")} for r in selections]
+    stages = {
+        "extractions": [
+            {k: r[k] for k in ("family", "seed", "dataset", "n_structures", "n_atoms", "computed_structures",
+                               "copied_structures", "resumed_structures", "wall_s", "atoms_per_s", "reused", "worker")}
+            for r in extractions
+        ],
+        "scoring": [{k: r[k] for k in ("label", "worker", "device", "wall_s")} for r in scored],
+        "selection": [{k: r[k] for k in ("label", "worker", "wall_s")} for r in selections],
+    }
+    result = write_report(config, plan.evaluations, selections, skipped, stages)
+    mark_complete(plan)
     logger.info(
         "report: %s; scores of every structure: %s",
         result["paths"]["report_xlsx"], result["paths"]["scores_csv"],

@@ -225,7 +225,7 @@ def run(config: RunConfig | dict | str | Path, **overrides: Any):
         data = config.model_dump(mode="json") if isinstance(config, RunConfig) else dict(config)
         data.update({k: v for k, v in overrides.items() if v is not None})
         config = config_from_dict(data)
-    plan_run(config, count=False)  # bad input fails here, before any server or worker starts
+    plan = plan_run(config)  # bad input fails here, before any server or worker starts; the flow runs it
     with RunSession(f"mace-ood on {config.output_dir}", owns_process=False) as session:
-        session.call(ood_detection, config)
+        session.call(ood_detection, config, plan)
     return open_run(config.output_dir)

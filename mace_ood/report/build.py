@@ -8,15 +8,15 @@ from pathlib import Path
 import pandas as pd
 
 from mace_ood.config import RunConfig
-from mace_ood.files import write_csv, write_text
-from mace_ood.paths import (
-    chemiscope_path,
-    histogram_path,
-    latent_pca_plot_path,
-    scores_path,
-    top_dir,
+from mace_ood.files import write_csv
+from mace_ood.paths import RunPaths
+from mace_ood.records import (
+    EvaluationPlan,
+    ReportResult,
+    SelectionResult,
+    SkippedStructure,
+    own_evaluation,
 )
-from mace_ood.records import EvaluationPlan, ReportResult, SelectionResult, SkippedStructure
 from mace_ood.report.chemiscope import write_chemiscope
 from mace_ood.report.excel import write_excel
 from mace_ood.report.plots import plot_latent_pca, plot_score_histograms
@@ -36,15 +36,10 @@ def rendered_table(output_dir: Path, evaluation: EvaluationPlan, patterns: list[
     import xarray as xr
 
     decisions = read_selection(output_dir, evaluation.label)
-    with xr.open_dataset(scores_path(output_dir, evaluation.label), engine="netcdf4") as ds:
+    with xr.open_dataset(RunPaths(output_dir).scores(evaluation.label), engine="netcdf4") as ds:
         meta = metadata_table(ds, patterns)
     meta = meta[["structure_id", *[c for c in meta.columns if c not in decisions.columns]]]
     return decisions.merge(meta, on="structure_id", how="left", validate="one_to_one")
-
-
-def own_evaluation(evaluations: list[EvaluationPlan], family: str) -> EvaluationPlan:
-    """The evaluation of ``family`` on its own training set."""
-    return next(e for e in evaluations if e.family == family and e.reference)
 
 
 @hdf5_in_this_thread()
@@ -58,6 +53,7 @@ def build_report(
     report.xlsx, plots and chemiscope files; returns paths, one summary per evaluation and the
     first picks. Calibrates nothing and selects nothing."""
     output_dir = Path(config.output_dir)
+    run_paths = RunPaths(output_dir)
     score = config.select.score
     decided = {record["label"] for record in selections}
     missing = [e.label for e in evaluations if e.label not in decided]
@@ -70,9 +66,8 @@ def build_report(
     summaries = {e.label: read_selection_summary(output_dir, e.label) for e in shown}
     selected = {}
     for evaluation in shown:
-        scores_file = scores_path(output_dir, evaluation.label)
-        written = write_selected(picks(tables[evaluation.label]), scores_file, top_dir(output_dir, evaluation.label),
-                                 score)
+        scores_file = run_paths.scores(evaluation.label)
+        written = write_selected(picks(tables[evaluation.label]), scores_file, run_paths.top(evaluation.label), score)
         selected[evaluation.label] = order_columns(written, score)
     shown_tables = [tables[e.label] for e in shown]
     all_scores = order_columns(pd.concat(shown_tables, ignore_index=True), score)
@@ -87,30 +82,30 @@ def build_report(
         )
     summary = pd.DataFrame([{k: v for k, v in summaries[e.label].items() if k != "error_model"} for e in shown])
     paths = {
-        "run_config": str(write_text(config.model_dump_json(indent=2), output_dir / "run_config.json")),
-        "scores_csv": str(write_csv(all_scores, output_dir / "scores.csv")),
-        "skipped_csv": str(write_csv(skipped_frame, output_dir / "skipped.csv")),
-        "report_xlsx": str(write_excel(output_dir / "report.xlsx", summary, selected, skipped_frame, score)),
+        "run_config": str(run_paths.manifest),  # written when the run was planned
+        "scores_csv": str(write_csv(all_scores, run_paths.scores_csv)),
+        "skipped_csv": str(write_csv(skipped_frame, run_paths.skipped_csv)),
+        "report_xlsx": str(write_excel(run_paths.report_xlsx, summary, selected, skipped_frame, score)),
     }
     for evaluation in shown:
         reference = own_evaluation(evaluations, evaluation.family)
         title = f"{evaluation.family} on {evaluation.dataset}"
-        scores_file = scores_path(output_dir, evaluation.label)
+        scores_file = run_paths.scores(evaluation.label)
         plot_latent_pca(
             evaluation.latent_paths[0], reference.latent_paths[0], scores_file, score,
-            latent_pca_plot_path(output_dir, evaluation.label), title,
+            run_paths.latent_pca_plot(evaluation.label), title,
         )
         write_chemiscope(tables[evaluation.label], scores_file, evaluation.latent_paths[0],
-                         chemiscope_path(output_dir, evaluation.label), score)
-    paths["latent_pca_plots"] = str(output_dir / "plots")
-    paths["chemiscope"] = str(output_dir / "chemiscope")
+                         run_paths.chemiscope(evaluation.label), score)
+    paths["latent_pca_plots"] = str(run_paths.plots_dir)
+    paths["chemiscope"] = str(run_paths.chemiscope_dir)
     calibration = []
     for evaluation in shown:
         training = tables[own_evaluation(evaluations, evaluation.family).label]
         calibration.append(training[calibration_mask(training)])
     plot = plot_score_histograms(
         shown_tables, calibration, [summaries[e.label]["threshold"] for e in shown], score, config.select.alpha,
-        histogram_path(output_dir, score),
+        run_paths.histogram(score),
     )
     if plot:
         paths["histogram_png"] = plot

@@ -17,7 +17,7 @@ import pandas as pd
 import xarray as xr
 
 from mace_ood.config import ScoresConfig, SelectConfig
-from mace_ood.records import EvaluationPlan
+from mace_ood.records import EvaluationPlan, own_evaluation
 from mace_ood.score.compute import ALL_SCORES, COMBINED_SCORE
 from mace_ood.score.conformal import (
     Pool,
@@ -46,11 +46,6 @@ def percentile_against(values: np.ndarray, reference_values: np.ndarray) -> np.n
 def combined_components(table: pd.DataFrame, select: SelectConfig) -> list[str]:
     """The scores of ``select.combine`` that this run computed (all finite somewhere)."""
     return [name for name in select.combine if name in table.columns and np.isfinite(table[name]).any()]
-
-
-def reference_evaluation(evaluations: list[EvaluationPlan], family: str) -> EvaluationPlan:
-    """The evaluation of ``family`` on its own training set."""
-    return next(e for e in evaluations if e.family == family and e.reference)
 
 
 def structure_groups(table: pd.DataFrame, block_frames: int) -> np.ndarray:
@@ -152,7 +147,7 @@ def add_percentiles(
     atom_calibration = atom_calibration or {}
     delivered = {}
     for family in dict.fromkeys(e.family for e in evaluations):
-        own_label = reference_evaluation(evaluations, family).label
+        own_label = own_evaluation(evaluations, family).label
         reference = tables[own_label]
         calibration_rows = reference[calibration_mask(reference)]
         components = combined_components(reference, select)

@@ -11,7 +11,7 @@ import xarray as xr
 
 from mace_ood.config import ScoresConfig
 from mace_ood.files import atomic_path
-from mace_ood.paths import reference_path, scores_path
+from mace_ood.paths import RunPaths
 from mace_ood.records import EvaluationPlan
 from mace_ood.runs import find_groups
 from mace_ood.runtime import hdf5_in_this_thread
@@ -67,7 +67,7 @@ def fit_family_reference(
              "one group: calibrated in-sample, the ood flag is optimistic")
     for note in grouping.notes:
         log.warning("%s: %s", evaluation.family, note)
-    return str(reference.save(reference_path(output_dir, evaluation.family)))
+    return str(reference.save(RunPaths(output_dir).reference(evaluation.family)))
 
 
 def _fit_llpr(latents: xr.Dataset, side: np.ndarray, validation: EvaluationPlan | None, energy_key: str,
@@ -126,4 +126,4 @@ def score_evaluation(
             "reference": int(evaluation.reference), "seed_files": json.dumps(evaluation.latent_paths),
             **({"grouping": reference.grouping} if own else {}),
         })
-        return str(write_scores_netcdf(scores, scores_path(output_dir, evaluation.label)))
+        return str(write_scores_netcdf(scores, RunPaths(output_dir).scores(evaluation.label)))

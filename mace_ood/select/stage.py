@@ -16,8 +16,14 @@ import pandas as pd
 
 from mace_ood.config import ScoresConfig, SelectConfig
 from mace_ood.extract.devices import worker_label
-from mace_ood.paths import scores_path, top_dir
-from mace_ood.records import EvaluationPlan, EvaluationSummary, SelectionResult
+from mace_ood.paths import RunPaths
+from mace_ood.records import (
+    EvaluationPlan,
+    EvaluationSummary,
+    SelectionResult,
+    own_evaluation,
+    validation_evaluations,
+)
 from mace_ood.runtime import hdf5_in_this_thread
 from mace_ood.score.calibrate import (
     alpha_note,
@@ -61,7 +67,7 @@ def select_evaluation(
     scores = scores or ScoresConfig()
     output_dir = Path(output_dir)
     evaluations = list({e.label: e for e in (own, validation, evaluation) if e is not None}.values())
-    files = {e.label: scores_path(output_dir, e.label) for e in evaluations}
+    files = {e.label: RunPaths(output_dir).scores(e.label) for e in evaluations}
     tables = {e.label: evaluation_table(files[e.label], e.family, e.dataset, e.reference, None, metadata=False)
               for e in evaluations}
     delivered = calibrate_run(tables, evaluations, files, select, scores.split_block_frames)[evaluation.family]
@@ -137,7 +143,7 @@ def evaluation_summary(
         "n_selected_ood": 0,
         "selection_note": "",
         "top_structure": str(table.iloc[0]["structure_id"]) if len(table) else "",
-        "top_dir": str(top_dir(output_dir, evaluation.label)),
+        "top_dir": str(RunPaths(output_dir).top(evaluation.label)),
     }
 
 
@@ -208,21 +214,14 @@ def _log_ranking(evaluation: EvaluationPlan, select: SelectConfig, delivered: di
         evaluation.family, delivered))
 
 
-def validation_of(evaluations: list[EvaluationPlan], validation: dict[str, str | None]) -> dict[str, EvaluationPlan]:
-    """Per family with a validation dataset (``validation``: family -> dataset), its evaluation there."""
-    return {e.family: e for e in evaluations if validation.get(e.family) == e.dataset and not e.reference}
-
-
 def select_run(
     output_dir: str | Path, evaluations: list[EvaluationPlan], select: SelectConfig | None = None,
-    scores: ScoresConfig | None = None, validation: dict[str, str | None] | None = None,
-    forces_key: str = "REF_forces",
+    scores: ScoresConfig | None = None, forces_key: str = "REF_forces",
 ) -> list[SelectionResult]:
     """:func:`select_evaluation` for every evaluation of a run, in this process (what the flow maps
-    over its workers). ``validation``: family -> its labelled validation dataset."""
+    over its workers)."""
     select = select or SelectConfig()
-    own_of = {e.family: e for e in evaluations if e.reference}
-    labelled = validation_of(evaluations, validation or {})
-    return [select_evaluation(e, own_of[e.family], output_dir, select, scores, labelled.get(e.family), forces_key)
-            for e in evaluations]
+    labelled = validation_evaluations(evaluations)
+    return [select_evaluation(e, own_evaluation(evaluations, e.family), output_dir, select, scores,
+                              labelled.get(e.family), forces_key) for e in evaluations]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from mace_ood.files import write_csv, write_text
-from mace_ood.paths import selection_path, selection_summary_path
+from mace_ood.paths import RunPaths
 
 TEXT_COLUMNS = ("family", "dataset", "structure_id", "source_file", "formula", "split", "combined_driver",
                 "nearest_training_id")
@@ -28,14 +28,14 @@ class MissingSelection(FileNotFoundError):
 
 def write_selection(table: pd.DataFrame, summary: dict, output_dir: str | Path, label: str) -> tuple[Path, Path]:
     """Write one evaluation's decisions and summary (atomically); returns both paths."""
-    table_path = write_csv(table, selection_path(output_dir, label))
-    summary_path = write_text(json.dumps(summary, indent=1, default=float), selection_summary_path(output_dir, label))
+    table_path = write_csv(table, RunPaths(output_dir).selection(label))
+    summary_path = write_text(json.dumps(summary, indent=1, default=float), RunPaths(output_dir).selection_summary(label))
     return table_path, summary_path
 
 
 def read_selection(output_dir: str | Path, label: str) -> pd.DataFrame:
     """One evaluation's decisions, in rank order, with the dtypes they were written with."""
-    path = selection_path(output_dir, label)
+    path = RunPaths(output_dir).selection(label)
     if not path.is_file():
         raise MissingSelection(f"{path}: missing (the select stage of `mace-ood run` writes it; run the config "
                                "again: latents and scores are reused)")
@@ -57,7 +57,7 @@ def read_selection(output_dir: str | Path, label: str) -> pd.DataFrame:
 
 def read_selection_summary(output_dir: str | Path, label: str) -> dict:
     """What the select stage told about one evaluation (its summary row)."""
-    path = selection_summary_path(output_dir, label)
+    path = RunPaths(output_dir).selection_summary(label)
     if not path.is_file():
         raise MissingSelection(f"{path}: missing (the select stage of `mace-ood run` writes it)")
     return json.loads(path.read_text())

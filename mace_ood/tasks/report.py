@@ -15,14 +15,15 @@ from mace_ood.tasks.console import hide_console_tracebacks
 @task(name="report", cache_policy=NO_CACHE)
 def write_report(
     config: RunConfig, evaluations: list[EvaluationPlan], selections: list[SelectionResult],
-    skipped: list[SkippedStructure],
+    skipped: list[SkippedStructure], stages: dict[str, list[dict]] | None = None,
 ) -> ReportResult:
-    """scores.csv, top-K structures, skipped.csv, report.xlsx; returns paths and the top rows.
+    """scores.csv, top-K structures, skipped.csv, report.xlsx; returns paths and the top rows, with
+    ``stages`` (the flow's records of each extraction, scoring and selection) beside them.
 
     Also publishes, for the Prefect UI, a table artifact of the top K of each evaluation and
     a markdown summary with the file locations.
     """
     hide_console_tracebacks()
-    result = build_report(config, evaluations, selections, skipped)
+    result = {**build_report(config, evaluations, selections, skipped), **(stages or {})}
     publish_artifacts(result, config)
     return result
