@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mace_ood.runtime import apply_environment_defaults
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scoring import write_files  # noqa: E402
 
@@ -143,7 +145,7 @@ def main() -> None:
         reference = fit_family_reference(plan, tmp, ScoresConfig(reference_max_atoms=args.reference))
         fit_s = time.perf_counter() - started
         print(f"{args.atoms:,} atoms x {args.seeds} seeds x {args.features} channels, reference {args.reference:,} "
-              f"atoms (fit: {fit_s:.0f} s); each in a fresh process, OMP_WAIT_POLICY=PASSIVE\n")
+              f"atoms (fit: {fit_s:.0f} s); each in a fresh process, under mace-ood's environment defaults\n")
         print("| method | wall | atoms/s | x the torch k-NN | x the faiss k-NN | peak RSS |")
         print("|---|---|---|---|---|---|")
         floor, faiss_floor = None, None
@@ -157,7 +159,7 @@ def main() -> None:
                     print(f"| {name} | not installed | | | | |")
                     continue
             out = subprocess.run([sys.executable, __file__, "--child", name, str(tmp / "data"), reference],
-                                 capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                                 capture_output=True, text=True, env=apply_environment_defaults(dict(os.environ)))
             if out.returncode != 0:
                 print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} | | | | |")
                 continue

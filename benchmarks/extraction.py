@@ -24,7 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mace_ood.runtime import apply_environment_defaults
+
+apply_environment_defaults()  # before torch starts OpenMP
 
 import ase.io  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 from ase.build import bulk  # noqa: E402
 
 from mace_ood.config import ExtractionSettings  # noqa: E402
-from mace_ood.extract.runner import LatentExtractor
+from mace_ood.extract.runner import LatentExtractor  # noqa: E402
 from mace_ood.extract.stream import extract_to_netcdf  # noqa: E402
 from mace_ood.testing import build_tiny_mace  # noqa: E402
 

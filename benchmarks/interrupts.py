@@ -31,7 +31,9 @@ from pathlib import Path
 
 import yaml
 
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # the harness server's telemetry, not the runs'
+from mace_ood.runtime import apply_environment_defaults
+
+apply_environment_defaults()  # the harness's own server and client too
 CASES = {"ctrl-c to the group": (signal.SIGINT, True), "SIGTERM to the group": (signal.SIGTERM, True),
          "SIGTERM to the process": (signal.SIGTERM, False), "Prefect cancellation": (None, False)}
 STOP_WITHIN_S = 10.0
@@ -143,7 +145,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="interrupts-"))
     config = make_big_project(work / "project")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(work / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(work / ".prefect"))
     burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(args.load)]
     for burner in burners:
         burner.start()

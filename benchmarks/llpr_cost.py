@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mace_ood.runtime import apply_environment_defaults
+
+apply_environment_defaults()  # before torch starts OpenMP
 
 import yaml  # noqa: E402
 

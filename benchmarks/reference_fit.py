@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mace_ood.runtime import apply_environment_defaults
+
 ATOMS_PER_STRUCTURE = 32
 HERE = Path(__file__).resolve().parents[1]
 
@@ -77,7 +79,7 @@ def child(directory: str, paths: list[str]) -> None:
 
 
 def measure(code: Path, directory: Path, paths: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**apply_environment_defaults(dict(os.environ)), "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, __file__, "--child", str(directory), *paths], env=env, check=True,
                          capture_output=True, text=True, cwd=str(code))
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mace_ood.runtime import apply_environment_defaults
+
 FRAMES_PER_FILE = 100
 CHANNELS = 64
 BLOCK = 1_000_000
@@ -200,7 +202,7 @@ def main() -> None:
         total = 0.0
         for name in STEPS:
             out = subprocess.run([sys.executable, __file__, "--child", name, str(root), str(args.top_k)],
-                                 capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                                 capture_output=True, text=True, env=apply_environment_defaults(dict(os.environ)))
             if out.returncode != 0:
                 print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} | |", flush=True)
                 return

@@ -18,8 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mace_ood.runtime import apply_environment_defaults
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+apply_environment_defaults()
 
 
 def busy_cpu_s() -> float:

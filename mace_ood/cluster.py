@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mace_ood.config import DaskConfig
+from mace_ood.runtime import ENVIRONMENT_DEFAULTS
 
 
 class ClusterError(RuntimeError):
@@ -72,18 +73,9 @@ def worker_environment(
     ``inherit``: this machine's OMP settings win (local workers); off for remote jobs.
     """
     threads = max(1, (cores or os.cpu_count() or 1) // max(1, n_workers))
-    local = os.environ if inherit else {}
-    env = {
-        "OMP_NUM_THREADS": local.get("OMP_NUM_THREADS", str(threads)),
-        "OMP_WAIT_POLICY": local.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning"),
-        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::UserWarning:e3nn.o3._wigner"),
-        # a worker drains its queued task logs to the API as it exits, a batch interval at a time:
-        # at Prefect's 2 s it outlived the nanny's 4 s grace when the cluster closed ("still alive
-        # after 4.0 seconds, killing", measured in `make demo`)
-        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": os.environ.get("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.25"),
-    }
+    env = {key: (os.environ if inherit or not key.startswith("OMP_") else {}).get(key, value)
+           for key, value in ENVIRONMENT_DEFAULTS.items()}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", str(threads)) if inherit else str(threads)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env

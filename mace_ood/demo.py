@@ -145,7 +145,7 @@ def train_model(train_file: Path, seed: int, out_path: Path, log_path: Path) -> 
             sys.executable, "-m", "mace.cli.run_train", f"--name={name}",
             f"--train_file={train_file}", f"--seed={seed}", f"--work_dir={work}", *TRAIN_ARGS,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CLI's process has mace-ood's defaults
         with open(log_path, "w") as log:
             result = subprocess.run(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         model = Path(work) / f"{name}.model"

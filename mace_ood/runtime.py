@@ -9,15 +9,19 @@ import sys
 import threading
 from contextlib import contextmanager, suppress
 
-# Default OpenMP spinning made MACE calls 5-10x slower at random on shared cores.
+# The one table of the environment mace-ood sets where the user has not: every entry point applies
+# it to its own process (the CLI, the flow, each task, the tests' conftest, `make bench` through
+# `python -m mace_ood.runtime`), and Dask workers get it in their environment (`worker_environment`).
 ENVIRONMENT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "OMP_WAIT_POLICY": "PASSIVE",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry from a temporary server (and no network)
+    "OMP_WAIT_POLICY": "PASSIVE",  # OpenMP's default spinning made MACE calls 5-10x slower at random on shared cores
     "DASK_LOGGING__DISTRIBUTED": "warning",
     # logs go to the Prefect API in batches; at Prefect's 2 s interval the last batch of a run
     # left after the temporary server had stopped ("Error logging to API: All connection
-    # attempts failed" at the end of `make demo`), and workers outlived the nanny's exit grace
+    # attempts failed" at the end of `make demo`), and a worker draining its queue outlived the
+    # nanny's 4 s exit grace ("still alive after 4.0 seconds, killing")
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.25",
+    "PYTHONWARNINGS": "ignore::UserWarning:e3nn.o3._wigner",  # e3nn's torch.load warning, once per process
 }
 # HDF5 chunk cache per variable: the default 64 MiB per variable per open file dominates
 # memory when several seed files are open at once.
@@ -51,10 +55,17 @@ def quiet_resource_tracker() -> None:
         os.close(devnull)
 
 
+def apply_environment_defaults(environ=None):
+    """:data:`ENVIRONMENT_DEFAULTS` into ``environ`` (this process's by default) where unset; returns it."""
+    environ = os.environ if environ is None else environ
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        environ.setdefault(key, value)
+    return environ
+
+
 def configure_process() -> None:
     """Environment defaults (unless set) and a small HDF5 chunk cache for this process."""
-    for key, value in ENVIRONMENT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_environment_defaults()
     import netCDF4
 
     netCDF4.set_chunk_cache(*HDF5_CHUNK_CACHE)
@@ -145,18 +156,13 @@ def _resource_tracker_pid() -> int | None:
 
 @contextmanager
 def stop_on_signals(what: str):
-    """Ctrl-C (SIGINT) or SIGTERM (``kill``, SLURM at the end of the walltime, Prefect cancelling
-    a deployment run) stops ``what`` at once: one line on stderr, every child process stopped
-    and reaped, exit status 128 + the signal.
-
-    Prefect and Dask shut down through their servers and connections, which may be the very
-    processes the signal has just killed (a terminal sends SIGINT to the whole process group):
-    their shutdown hung for minutes. Work already durable stays on disk: latent files are
-    written under ``.partial`` with a progress record, so running again resumes.
-    Entered only by a run's session that owns the process (:mod:`mace_ood.flows.session`), which
-    runs the flow on a worker thread: Prefect arms its own SIGTERM handler at each flow run (it
-    reported the crash to an API that was gone, and hung), but only on the main thread. Only the
-    main thread can own signal handlers; elsewhere this does nothing.
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, SLURM's walltime, Prefect cancelling a deployment run)
+    stops ``what`` at once: one line on stderr, every child process stopped and reaped, exit status
+    128 + the signal. Prefect's and Dask's own shutdown talks to servers the signal may have just
+    killed (a terminal signals the whole group): it hung for minutes. Durable work stays on disk
+    (``.partial`` latent files with a progress record): running again resumes. Entered only by a
+    session that owns the process (:mod:`mace_ood.flows.session`), on the main thread (elsewhere it
+    does nothing); the flow runs on a worker thread, where Prefect arms no SIGTERM handler of its own.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -180,3 +186,7 @@ def stop_on_signals(what: str):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+if __name__ == "__main__":  # the table as `KEY=value` words, where unset: what `make bench` runs under
+    print(" ".join(f"{key}={value}" for key, value in ENVIRONMENT_DEFAULTS.items() if key not in os.environ))

@@ -11,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mace_ood.runtime import apply_environment_defaults
+
+apply_environment_defaults()
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # two test processes on two cores: one thread each
 
 
 def _one_certificate_file() -> str:

@@ -31,7 +31,7 @@ def interrupt_project(big_project, tmp_path_factory):
 def cli_environment(work) -> dict[str, str]:
     """What a user's shell has: no Prefect API (the run starts its own temporary server)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(work / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(work / ".prefect"))
     return env
 
 

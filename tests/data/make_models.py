@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mace_ood.runtime import apply_environment_defaults
 from tests.trained import (
     MANIFEST,
     MODELS_DIR,
@@ -39,7 +40,7 @@ def train(train_file: Path, family: str, seed: int) -> tuple[Path, float]:
     with tempfile.TemporaryDirectory(prefix="mace-ood-test-model-") as work:
         command = [sys.executable, "-m", "mace.cli.run_train", f"--name={family}", f"--train_file={train_file}",
                    f"--seed={seed}", f"--work_dir={work}", *TRAIN_ARGS]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {**apply_environment_defaults(dict(os.environ)), "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"mace_run_train failed for {family} seed {seed}:\n{result.stdout[-3000:]}")
