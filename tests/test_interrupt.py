@@ -35,16 +35,23 @@ def cli_environment(work) -> dict[str, str]:
     return env
 
 
+def has_durable_progress(run_dir) -> bool:
+    """Whether some structures of the big dataset (T2) are durable on disk (a progress record)."""
+    for record in run_dir.glob("latents/*/T2/*.progress.json"):
+        try:
+            if json.loads(record.read_text())["n_structures"] > 0:
+                return True
+        except (OSError, ValueError, KeyError):  # replaced or removed (its file finished) while read
+            pass
+    return False
+
+
 def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
     """Until some structures of the big dataset (T2) are durable on disk."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for record in run_dir.glob("latents/*/T2/*.progress.json"):
-            try:
-                if json.loads(record.read_text())["n_structures"] > 0:
-                    return
-            except (OSError, ValueError):  # replaced while read
-                pass
+        if has_durable_progress(run_dir):
+            return
         assert process.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.05)
     pytest.fail("no extraction made progress durable in time")
@@ -136,9 +143,8 @@ def test_an_interrupt_of_mace_ood_run_from_python_keeps_the_caller_and_running_a
 
     def interrupt_when_durable() -> None:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if any(json.loads(p.read_text() or "{}").get("n_structures", 0) > 0
-                   for p in run_dir.glob("latents/*/T2/*.progress.json")):
+        while time.monotonic() < deadline:  # a read that raised here once ended this thread: no interrupt came
+            if has_durable_progress(run_dir):
                 interrupted_at.append(time.monotonic())
                 _thread.interrupt_main()
                 return
