@@ -61,6 +61,24 @@ def jobqueue_kwargs(dask_config: DaskConfig, api_url: str | None) -> dict[str, A
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def import_jobqueue(dask_config: DaskConfig) -> None:
+    """Import dask-jobqueue now, on the main thread, for a batch-queue cluster: its import sets
+    SIGINT to ``sys.exit`` (``dask_jobqueue/runner.py``), which fails on any other thread (where the
+    flow runs) and would replace the caller's own handler; the caller's is put back."""
+    import signal
+
+    if dask_config.cluster == "local" or "dask_jobqueue" in sys.modules:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise ClusterError(f"dask.cluster: {dask_config.cluster} needs dask_jobqueue imported on the main "
+                           "thread first (`import dask_jobqueue`), or the run started from it")
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        import dask_jobqueue  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def jobqueue_cluster_class(dask_config: DaskConfig) -> str:
     return {"slurm": "dask_jobqueue.SLURMCluster", "pbs": "dask_jobqueue.PBSCluster"}[dask_config.cluster]
 

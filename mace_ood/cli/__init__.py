@@ -137,7 +137,7 @@ def run(
 
 def run_config(cfg) -> dict:
     """Run the Prefect flow on a validated config; bad input exits with a one-line error."""
-    from mace_ood.cluster import ClusterError
+    from mace_ood.cluster import ClusterError, import_jobqueue
     from mace_ood.extract.models import ModelError
     from mace_ood.plan import plan_run
     from mace_ood.score.latents import ScoreError
@@ -152,6 +152,7 @@ def run_config(cfg) -> dict:
     from mace_ood.flows.session import RunSession
 
     try:
+        import_jobqueue(cfg.dask)
         with RunSession(f"mace-ood on {cfg.output_dir}", owns_process=True) as session:
             return session.call(ood_detection, cfg, plan)
     except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, TaskFailures) as exc:

@@ -15,6 +15,7 @@ from mace_ood.cluster import (
     can_fork_workers,
     check_cluster,
     forked_local_workers,
+    import_jobqueue,
     jobqueue_cluster_class,
     jobqueue_kwargs,
     worker_environment,
@@ -188,6 +189,7 @@ def ood_detection(config: RunConfig, plan: RunPlan | None = None) -> ReportResul
     again resumes from the files on disk."""
     configure_process()
     hide_console_tracebacks()
+    import_jobqueue(config.dask)  # here, on the caller's thread; the flow's own runs on another
     return call_in_session(f"mace-ood on {config.output_dir}", _score_and_report, config, plan)
 
 

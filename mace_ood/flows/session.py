@@ -216,6 +216,7 @@ def run(config: RunConfig | dict | str | Path, **overrides: Any):
         The finished run, as `mace_ood.open_run` opens it.
     """
     from mace_ood.api import open_run
+    from mace_ood.cluster import import_jobqueue
     from mace_ood.flows.ood import ood_detection
     from mace_ood.plan import plan_run
 
@@ -226,6 +227,7 @@ def run(config: RunConfig | dict | str | Path, **overrides: Any):
         data.update({k: v for k, v in overrides.items() if v is not None})
         config = config_from_dict(data)
     plan = plan_run(config)  # bad input fails here, before any server or worker starts; the flow runs it
+    import_jobqueue(config.dask)
     with RunSession(f"mace-ood on {config.output_dir}", owns_process=False) as session:
         session.call(ood_detection, config, plan)
     return open_run(config.output_dir)
