@@ -64,3 +64,21 @@ def test_a_run_through_slurm_jobs_scores_like_a_local_run(slurm, finished_run, t
     a = pd.read_csv(local / "run" / "scores.csv").drop(columns=["source_file"])
     b = pd.read_csv(work / "slurm-run" / "scores.csv").drop(columns=["source_file"])
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_validate_prints_the_job_script_and_refuses_a_missing_partition(slurm, project, tmp_path):
+    from typer.testing import CliRunner
+
+    from mace_ood.cli import app
+
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    (work / "slurm.yaml").write_text(yaml.safe_dump(slurm_config(work)))
+    shown = CliRunner().invoke(app, ["validate", str(work / "slurm.yaml")])
+    assert shown.exit_code == 0, shown.output
+    assert "job script (slurm, up to 2 jobs)" in shown.output and "#SBATCH -p debug" in shown.output
+
+    (work / "missing.yaml").write_text(yaml.safe_dump(slurm_config(work, queue="gpu-nowhere")))
+    refused = CliRunner().invoke(app, ["validate", str(work / "missing.yaml")])
+    assert refused.exit_code == 2
+    assert "SLURM has no partition 'gpu-nowhere' (sinfo lists: debug)" in refused.output

@@ -71,7 +71,7 @@ def validate(
     default_dtype: DefaultDtypeOption = None,
     batch_size: BatchSize = None,
 ) -> None:
-    """Check a config: keys, files, models and families; print the plan, run nothing."""
+    """Check a config: keys, files, models and families; print the plan (and a SLURM/PBS job script), run nothing."""
     from mace_ood.extract.models import ModelError
     from mace_ood.plan import plan_run
     from mace_ood.structures import InputError
@@ -112,6 +112,32 @@ def validate(
         ref = " (reference)" if evaluation.reference else ""
         typer.echo(f"evaluation {evaluation.family} -> {evaluation.dataset}{ref}")
     typer.echo(f"{len(plan.jobs)} extraction job(s); output in {cfg.output_dir}")
+    if cfg.dask.cluster != "local":
+        typer.echo(_job_script(cfg))
+
+
+def _job_script(cfg) -> str:
+    """The batch script each job of a SLURM/PBS cluster would be submitted with (a missing
+    partition is refused first where `sinfo` answers)."""
+    import shutil
+    import subprocess
+
+    from mace_ood.cluster import import_jobqueue, jobqueue_cluster_class, jobqueue_kwargs
+
+    queue = cfg.dask.jobqueue.queue
+    if cfg.dask.cluster == "slurm" and queue and shutil.which("sinfo"):
+        found = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+        if found.returncode == 0 and queue not in found.stdout.split():
+            _fail(f"dask.jobqueue.queue: SLURM has no partition {queue!r} (sinfo lists: "
+                  f"{', '.join(found.stdout.split()) or 'none'})")
+    import importlib
+
+    import_jobqueue(cfg.dask)
+    module, name = jobqueue_cluster_class(cfg.dask).rsplit(".", 1)
+    kwargs = jobqueue_kwargs(cfg.dask, "<the run's PREFECT_API_URL>")
+    kwargs["scheduler_options"] = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+    with getattr(importlib.import_module(module), name)(**kwargs) as cluster:
+        return f"job script ({cfg.dask.cluster}, up to {cfg.dask.jobqueue.max_jobs} jobs):\n{cluster.job_script()}"
 
 
 @app.command()
