@@ -11,10 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mace_ood.cluster import import_jobqueue
+from mace_ood.config import DaskConfig
 from mace_ood.runtime import apply_environment_defaults
 
 apply_environment_defaults()
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two test processes on two cores: one thread each
+# dask_jobqueue sets SIGINT to sys.exit when first imported; a test that imported it made the Python-API
+# interrupt test's Ctrl-C a sys.exit ("DID NOT RAISE KeyboardInterrupt" in CI): import it once, here, as a
+# run does (the handler put back), so that no later import changes this process's Ctrl-C
+import_jobqueue(DaskConfig(cluster="slurm"))
 
 
 def _one_certificate_file() -> str:

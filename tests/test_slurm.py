@@ -42,7 +42,6 @@ def slurm_config(work, **jobqueue) -> dict:
         "queue": "debug", "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:20:00",
         "min_jobs": 0, "max_jobs": 2, "log_directory": str(work / "slurm-logs"), **jobqueue}}
     config["output_dir"] = str(work / "slurm-run")
-    config["select"]["top_k"] = 2
     return config
 
 
@@ -54,7 +53,9 @@ def test_a_run_through_slurm_jobs_scores_like_a_local_run(slurm, finished_run, t
     assert outcome.exit_code == 0, outcome.output
     work = tmp_path / "p"
     shutil.copytree(local, work, ignore=shutil.ignore_patterns("run"))
-    (work / "slurm.yaml").write_text(yaml.safe_dump(slurm_config(work)))
+    config = slurm_config(work)
+    config["select"]["top_k"] = 2  # as the local run's `--top-k 2`
+    (work / "slurm.yaml").write_text(yaml.safe_dump(config))
 
     result = ood_detection(load_config(work / "slurm.yaml"))
 
@@ -82,3 +83,4 @@ def test_validate_prints_the_job_script_and_refuses_a_missing_partition(slurm, p
     refused = CliRunner().invoke(app, ["validate", str(work / "missing.yaml")])
     assert refused.exit_code == 2
     assert "SLURM has no partition 'gpu-nowhere' (sinfo lists: debug)" in refused.output
+
