@@ -21,8 +21,9 @@ class ClusterError(RuntimeError):
     """A cluster that cannot run this flow; the message says what to fix."""
 
 
-def jobqueue_kwargs(dask_config: DaskConfig, api_url: str | None) -> dict[str, Any]:
-    """Keyword arguments of a dask-jobqueue cluster (SLURMCluster / PBSCluster) from the config."""
+def jobqueue_kwargs(dask_config: DaskConfig, api_url: str | None, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Keyword arguments of a dask-jobqueue cluster (SLURMCluster / PBSCluster) from the config; the
+    jobs' logs go to ``jobqueue.log_directory``, else ``<output_dir>/jobs``."""
     queue = dask_config.jobqueue
     if queue is None:
         raise ClusterError(f"dask.cluster: {dask_config.cluster} needs a `dask.jobqueue` section")
@@ -56,9 +57,13 @@ def jobqueue_kwargs(dask_config: DaskConfig, api_url: str | None) -> dict[str, A
         kwargs["resource_spec"] = f"select=1:ncpus={queue.cores}:mem={queue.memory}{gpus}"
     if queue.interface:
         kwargs["interface"] = queue.interface
-    if queue.log_directory:
-        kwargs["log_directory"] = queue.log_directory
+    if queue.log_directory or output_dir:
+        kwargs["log_directory"] = job_log_directory(dask_config, output_dir)
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def job_log_directory(dask_config: DaskConfig, output_dir: str | Path) -> str:
+    return dask_config.jobqueue.log_directory or str(Path(output_dir) / "jobs")
 
 
 def import_jobqueue(dask_config: DaskConfig) -> None:
@@ -81,6 +86,42 @@ def import_jobqueue(dask_config: DaskConfig) -> None:
 
 def jobqueue_cluster_class(dask_config: DaskConfig) -> str:
     return {"slurm": "dask_jobqueue.SLURMCluster", "pbs": "dask_jobqueue.PBSCluster"}[dask_config.cluster]
+
+
+@contextmanager
+def jobqueue_cluster(dask_config: DaskConfig, api_url: str | None, output_dir: str | Path,
+                     credentials_parent: str | Path | None = None, **overrides: Any):
+    """The dask-jobqueue cluster of the config (no job submitted yet), closed at the end.
+
+    With ``dask.security`` (the default) the scheduler and workers talk TLS with credentials made
+    for this cluster (``Security.temporary``): anyone else who reaches the scheduler's port is
+    refused. The workers' copies are written to a directory only this user can open (mode 0700,
+    files 0600), in ``credentials_parent`` (default ``output_dir``: the shared file system the jobs
+    see), and removed with the cluster."""
+    import importlib
+    import shutil
+    import tempfile
+
+    import_jobqueue(dask_config)
+    module, name = jobqueue_cluster_class(dask_config).rsplit(".", 1)
+    kwargs = jobqueue_kwargs(dask_config, api_url, output_dir)
+    credentials = None
+    if dask_config.security:
+        from distributed.security import Security
+
+        parent = Path(credentials_parent or output_dir)
+        parent.mkdir(parents=True, exist_ok=True)
+        credentials = Path(tempfile.mkdtemp(prefix=".dask-credentials-", dir=parent))  # mode 0700
+        kwargs.update(security=Security.temporary(), shared_temp_directory=str(credentials))
+    try:
+        cluster = getattr(importlib.import_module(module), name)(**{**kwargs, **overrides})
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+    finally:
+        if credentials is not None:
+            shutil.rmtree(credentials, ignore_errors=True)
 
 
 def worker_environment(

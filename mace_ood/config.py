@@ -230,7 +230,11 @@ class JobQueueConfig(_Strict):
     min_jobs: int = Field(0, ge=0, description="Adaptive scaling: fewest jobs.")
     max_jobs: int = Field(4, ge=1, description="Adaptive scaling: most jobs.")
     interface: str | None = Field(None, description="Network interface of the workers (e.g. ib0).")
-    log_directory: str | None = Field(None, description="Where the jobs' logs go.")
+    log_directory: str | None = Field(None, description="Where the jobs' logs go; default `<output_dir>/jobs`.")
+    worker_start_timeout: float = Field(
+        3600, gt=0, description="Seconds from the first job's submission to the first Dask worker before the run "
+        "stops, naming the jobs and squeue's reason (a job that ends before its worker starts stops it at once)."
+    )
 
 
 class DaskConfig(_Strict):
@@ -243,6 +247,10 @@ class DaskConfig(_Strict):
     )
     address: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
+    )
+    security: bool = Field(
+        True, description="slurm/pbs: the scheduler and workers talk TLS with credentials made for the run, "
+        "so no one else who reaches the scheduler's port gets in; false: plain TCP (the run log says so)."
     )
 
     @model_validator(mode="after")

@@ -45,8 +45,74 @@ def slurm_config(work, **jobqueue) -> dict:
     return config
 
 
+def listening_beyond_loopback(process) -> set[str]:
+    """``host:port`` of every TCP socket ``process`` listens on that another machine could reach."""
+    import socket
+
+    import psutil
+
+    host = socket.gethostbyname(socket.gethostname())
+    found = set()
+    for connection in process.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and not connection.laddr.ip.startswith(("127.", "::1")):
+            ip = host if connection.laddr.ip in ("0.0.0.0", "::") else connection.laddr.ip
+            found.add(f"{ip}:{connection.laddr.port}")
+    return found
+
+
+def plain_client_gets_in(address: str) -> bool:
+    """Whether a plain Dask client (no TLS, no credentials) at ``address`` is answered: a scheduler
+    runs what it submits, a worker tells who it is."""
+    import asyncio
+
+    from distributed import Client
+    from distributed.comm import connect
+
+    async def identity() -> dict:
+        comm = await connect(f"tcp://{address}", timeout=5)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await asyncio.wait_for(comm.read(), 5)
+        finally:
+            comm.abort()
+
+    try:
+        answer = asyncio.run(identity())
+    except Exception:  # refused: no TLS handshake, no answer
+        return False
+    if answer.get("type") == "Scheduler":
+        with Client(f"tcp://{address}", timeout=5) as client:
+            return client.submit(lambda: "ran as the run's user").result(timeout=30) == "ran as the run's user"
+    return bool(answer)
+
+
+def probe_every_port(logs, run_dir, outcome: dict, modes: dict) -> None:
+    """Once a worker has joined, try a plain client on every port the run's scheduler (this process)
+    and its workers (in the SLURM jobs) listen on beyond loopback; note the modes of the run's
+    credentials."""
+    import contextlib
+    import time
+
+    import psutil
+
+    deadline, ports = time.monotonic() + 240, {}
+    while time.monotonic() < deadline and "worker" not in ports.values():
+        time.sleep(0.2)
+        ports = {port: "scheduler" for port in listening_beyond_loopback(psutil.Process())}
+        jobs = job_ids(logs)
+        for process in psutil.process_iter():  # the nanny and worker processes of the run's jobs
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("SLURM_JOB_ID") in jobs:
+                    ports.update({port: "worker" for port in listening_beyond_loopback(process)})
+    for path in [*run_dir.glob(".dask-credentials-*"), *run_dir.glob(".dask-credentials-*/*")]:
+        modes[path.name] = oct(path.stat().st_mode & 0o777)
+    outcome.update({f"{kind} {port}": plain_client_gets_in(port) for port, kind in ports.items()})
+
+
 @pytest.mark.slow
-def test_a_run_through_slurm_jobs_scores_like_a_local_run(slurm, finished_run, tmp_path):
+def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_in(slurm, finished_run, tmp_path):
+    import threading
+
     from mace_ood.flows.ood import ood_detection
 
     local, outcome = finished_run  # `mace-ood run --top-k 2` on a local cluster
@@ -56,9 +122,21 @@ def test_a_run_through_slurm_jobs_scores_like_a_local_run(slurm, finished_run, t
     config = slurm_config(work)
     config["select"]["top_k"] = 2  # as the local run's `--top-k 2`
     (work / "slurm.yaml").write_text(yaml.safe_dump(config))
+    probed: dict[str, bool] = {}
+    modes: dict[str, str] = {}
+    prober = threading.Thread(target=probe_every_port, args=(work / "slurm-logs", work / "slurm-run", probed, modes),
+                              daemon=True)
+    prober.start()
 
     result = ood_detection(load_config(work / "slurm.yaml"))
 
+    prober.join(timeout=60)
+    assert any(k.startswith("scheduler") for k in probed) and any(k.startswith("worker") for k in probed), probed
+    assert not any(probed.values()), f"a plain client got in: {probed}"
+    directories = [name for name in modes if name.startswith(".dask-credentials-")]
+    assert len(directories) == 1 and modes[directories[0]] == "0o700", modes
+    assert len(modes) > 1 and all(mode == "0o600" for name, mode in modes.items() if name not in directories), modes
+    assert not list((work / "slurm-run").glob(".dask-credentials-*")), "the run's credentials were left"
     workers = {e["worker"] for e in result["extractions"]}
     assert workers and all(w.startswith("SLURMCluster") for w in workers), workers  # inside SLURM jobs
     assert list((work / "slurm-logs").glob("*.err")), "no job wrote a log: did any job run?"
@@ -84,3 +162,79 @@ def test_validate_prints_the_job_script_and_refuses_a_missing_partition(slurm, p
     assert refused.exit_code == 2
     assert "SLURM has no partition 'gpu-nowhere' (sinfo lists: debug)" in refused.output
 
+
+
+def job_ids(log_directory) -> set[str]:
+    """The SLURM jobs of one run: dask-jobqueue names each job's log ``dask-worker-<job id>.err``."""
+    return {path.stem.rsplit("-", 1)[-1] for path in log_directory.glob("*.err")}
+
+
+@pytest.mark.slow
+def test_a_job_cancelled_mid_extraction_is_replaced_and_its_work_resumes(slurm, big_project, tmp_path):
+    """``scancel`` is what a walltime does to a job: its worker dies mid-extraction, the adaptive scaling
+    submits another job, and the extraction resumes there from its durable progress."""
+    import threading
+    import time
+
+    from mace_ood.flows.ood import ood_detection
+    from tests.test_interrupt import has_durable_progress
+
+    source, uninterrupted = big_project
+    work = tmp_path / "p"
+    shutil.copytree(source, work)
+    config = slurm_config(work, max_jobs=1)
+    (work / "slurm.yaml").write_text(yaml.safe_dump(config))
+    run_dir, logs = work / "slurm-run", work / "slurm-logs"
+    cancelled: list[str] = []
+
+    def cancel_when_durable() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not has_durable_progress(run_dir):
+            time.sleep(0.05)
+        cancelled.extend(sorted(job_ids(logs)))
+        subprocess.run(["scancel", *cancelled], check=False, timeout=30)
+
+    canceller = threading.Thread(target=cancel_when_durable, daemon=True)
+    canceller.start()
+    result = ood_detection(load_config(work / "slurm.yaml"))
+    canceller.join(timeout=5)
+
+    assert cancelled, "no job was running when the extraction's progress became durable"
+    assert job_ids(logs) - set(cancelled), "no job replaced the cancelled one"
+    resumed = sum(e["resumed_structures"] for e in result["extractions"] if e["dataset"] == "T2")
+    assert resumed > 0, "nothing resumed: the cancelled job's durable work was lost"
+    scores = pd.read_csv(run_dir / "scores.csv").drop(columns=["source_file"])
+    pd.testing.assert_frame_equal(scores, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_before_its_worker_starts_ends_the_run_in_one_line(slurm, project, tmp_path):
+    """A prologue that fails (a missing module, a wrong path) ends the job before any Dask worker
+    starts: ``mace-ood run`` stops with the job's own error, in one line, instead of waiting for workers."""
+    import signal
+    import sys
+    import time
+
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    config = slurm_config(work, job_script_prologue=["echo 'module: cuda/12.4: not found' >&2", "exit 3"])
+    (work / "slurm.yaml").write_text(yaml.safe_dump(config))
+
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "mace_ood.cli", "run", str(work / "slurm.yaml")], cwd=work,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the run still waited for workers {time.monotonic() - started:.0f} s after it started: {process.communicate()}")
+    took = time.monotonic() - started
+
+    assert process.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert "ended (FAILED) before its Dask worker started: module: cuda/12.4: not found" in errors[0], errors[0]
+    assert not stderr.split(errors[0])[-1].strip(), f"printed after the error:\n{stderr[-3000:]}"
+    assert took < 120, f"the failed job was reported {took:.0f} s after the start"  # docs/tutorials/slurm.md
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert not set(queued) & job_ids(work / "slurm-logs"), "the run left jobs in the queue"

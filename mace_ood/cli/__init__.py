@@ -122,7 +122,7 @@ def _job_script(cfg) -> str:
     import shutil
     import subprocess
 
-    from mace_ood.cluster import import_jobqueue, jobqueue_cluster_class, jobqueue_kwargs
+    from mace_ood.cluster import jobqueue_cluster
 
     queue = cfg.dask.jobqueue.queue
     if cfg.dask.cluster == "slurm" and queue and shutil.which("sinfo"):
@@ -130,13 +130,12 @@ def _job_script(cfg) -> str:
         if found.returncode == 0 and queue not in found.stdout.split():
             _fail(f"dask.jobqueue.queue: SLURM has no partition {queue!r} (sinfo lists: "
                   f"{', '.join(found.stdout.split()) or 'none'})")
-    import importlib
+    import tempfile
 
-    import_jobqueue(cfg.dask)
-    module, name = jobqueue_cluster_class(cfg.dask).rsplit(".", 1)
-    kwargs = jobqueue_kwargs(cfg.dask, "<the run's PREFECT_API_URL>")
-    kwargs["scheduler_options"] = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
-    with getattr(importlib.import_module(module), name)(**kwargs) as cluster:
+    with tempfile.TemporaryDirectory() as credentials, jobqueue_cluster(
+        cfg.dask, "<the run's PREFECT_API_URL>", cfg.output_dir, credentials_parent=credentials,
+        scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+    ) as cluster:
         return f"job script ({cfg.dask.cluster}, up to {cfg.dask.jobqueue.max_jobs} jobs):\n{cluster.job_script()}"
 
 

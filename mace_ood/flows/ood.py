@@ -3,7 +3,9 @@
 
 import importlib.util
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import dask
@@ -16,8 +18,8 @@ from mace_ood.cluster import (
     check_cluster,
     forked_local_workers,
     import_jobqueue,
-    jobqueue_cluster_class,
-    jobqueue_kwargs,
+    job_log_directory,
+    jobqueue_cluster,
     worker_environment,
 )
 from mace_ood.config import DaskConfig, RunConfig
@@ -25,6 +27,7 @@ from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.flows.server import is_temporary, start_temporary_server
 from mace_ood.flows.session import call_in_session, raise_if_interrupted
+from mace_ood.jobwatch import JobWatch
 from mace_ood.plan import RunPlan, mark_complete, plan_run, write_manifest
 from mace_ood.records import (
     EvaluationPlan,
@@ -74,13 +77,7 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
         return TaskRunnerPlan(DaskTaskRunner(address=dask_config.address), resolve_device(device).startswith("cuda"),
                               False)
     if dask_config.cluster != "local":
-        queue = dask_config.jobqueue
-        runner = DaskTaskRunner(
-            cluster_class=jobqueue_cluster_class(dask_config),
-            cluster_kwargs=jobqueue_kwargs(dask_config, api_url),
-            adapt_kwargs={"minimum_jobs": queue.min_jobs, "maximum_jobs": queue.max_jobs},
-        )
-        return TaskRunnerPlan(runner, queue.gpus_per_job > 0, False)
+        raise ValueError("a batch-queue cluster is the run's own (batch_queue_cluster): give its address")
 
     quiet_resource_tracker()  # before the local workers that share it start
     n_gpus = torch.cuda.device_count() if resolve_device(device).startswith("cuda") else 0
@@ -113,6 +110,32 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     return TaskRunnerPlan(DaskTaskRunner(cluster_kwargs=cluster_kwargs), bool(n_gpus), forked)
 
 
+_job_watch: ContextVar[JobWatch | None] = ContextVar("mace_ood_job_watch", default=None)
+
+
+@contextmanager
+def batch_queue_cluster(config: RunConfig, api_url: str | None, report) -> Iterator:
+    """The run's SLURM/PBS cluster (dask-jobqueue), scaled adaptively between ``min_jobs`` and
+    ``max_jobs`` and closed (its jobs cancelled) at the end; yields it. Its
+    :class:`~mace_ood.cluster.JobWatch` is checked at each of the flow's waits (:func:`_gather`)."""
+    queue = config.dask.jobqueue
+    with jobqueue_cluster(config.dask, api_url, config.output_dir) as cluster:
+        cluster.adapt(minimum_jobs=queue.min_jobs, maximum_jobs=queue.max_jobs)
+        watch = JobWatch(cluster, config.dask.cluster, job_log_directory(config.dask, config.output_dir),
+                         queue.worker_start_timeout, report)
+        token = _job_watch.set(watch)
+        try:
+            yield cluster
+        finally:
+            _job_watch.reset(token)
+
+
+def _check_jobs() -> None:
+    watch = _job_watch.get()
+    if watch is not None:
+        watch.check()
+
+
 class TaskFailures(RuntimeError):
     """Some tasks of a phase failed (one line naming each, with its cause); finished files stay."""
 
@@ -123,6 +146,7 @@ def _gather(futures: list, names: list[str], what: str) -> list:
     for future in futures:
         while not future.wrapped_future.done():
             raise_if_interrupted()
+            _check_jobs()
             future.wait(timeout=0.25)
         future.wait()
     results, failures = [], []
@@ -203,15 +227,27 @@ def _score_and_report(config: RunConfig, plan: RunPlan | None) -> ReportResult:
         ", ".join(f"{name} ({len(files)} files)" for name, files in plan.files.items()),
     )
     api_url, temporary_server = prefect_api_url()
-    runner, gpu, forked = make_task_runner(config.dask, config.device, api_url)
-    if config.dask.address:
-        found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu,
-                              temporary_server=temporary_server)
-        logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"], found["gpu_workers"])
-    with forked_local_workers(runner.cluster_kwargs["env"]) if forked else nullcontext():
-        extractions, scored, selections = extract_and_score.with_options(task_runner=runner)(
-            plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
-        )
+    batch_queue = config.dask.cluster != "local"
+    with batch_queue_cluster(config, api_url, logger.info) if batch_queue else nullcontext() as queue_cluster:
+        if batch_queue:
+            runner = DaskTaskRunner(address=queue_cluster.scheduler_address,
+                                    client_kwargs={"security": queue_cluster.security})
+            gpu, forked = config.dask.jobqueue.gpus_per_job > 0, False
+            logger.info("%s cluster at %s (%s): up to %d job(s); their logs: %s", config.dask.cluster.upper(),
+                        queue_cluster.scheduler_address,
+                        "TLS, credentials of this run" if config.dask.security else "plain TCP: dask.security is off",
+                        config.dask.jobqueue.max_jobs, _job_watch.get().log_directory)
+        else:
+            runner, gpu, forked = make_task_runner(config.dask, config.device, api_url)
+        if config.dask.address:
+            found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu,
+                                  temporary_server=temporary_server)
+            logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"],
+                        found["gpu_workers"])
+        with forked_local_workers(runner.cluster_kwargs["env"]) if forked else nullcontext():
+            extractions, scored, selections = extract_and_score.with_options(task_runner=runner)(
+                plan.jobs, plan.evaluations, config, gpu, len(plan.jobs), len(plan.evaluations)
+            )
     raise_if_interrupted()
     skipped = [
         {"family": r["family"], "seed": r["seed"], "dataset": r["dataset"], **s}
