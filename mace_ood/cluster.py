@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mace_ood.config import DaskConfig
+from mace_ood.config import DaskConfig, TLSFiles
 from mace_ood.runtime import ENVIRONMENT_DEFAULTS
 
 
@@ -265,6 +265,42 @@ def _probe(output_dir: str, token: str) -> dict[str, Any]:
     }
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: no other machine reaches it."""
+    import ipaddress
+
+    if not host or host == "localhost":
+        return bool(host)
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def client_security(dask_config: DaskConfig):
+    """The flow's ``distributed.Security`` for an existing cluster given TLS files, else None."""
+    if not isinstance(dask_config.security, TLSFiles):
+        return None
+    from distributed.security import Security
+
+    files = dask_config.security
+    return Security(tls_ca_file=files.ca_file, tls_client_cert=files.cert, tls_client_key=files.key,
+                    require_encryption=True)
+
+
+def plain_address_warning(dask_config: DaskConfig) -> str | None:
+    """One line when ``dask.address`` is plain TCP to another machine, else None."""
+    address = dask_config.address
+    if not address or isinstance(dask_config.security, TLSFiles):
+        return None
+    scheme, _, location = address.rpartition("://")
+    if scheme not in ("", "tcp") or is_loopback_host(location.rsplit(":", 1)[0]):
+        return None
+    return (f"dask.address {address} is plain TCP beyond this machine: anyone who reaches it can run code as you on "
+            "its workers; start the scheduler and workers with --tls-ca-file/--tls-cert/--tls-key and give "
+            "dask.security: {ca_file, cert, key}")
+
+
 def no_server_message(temporary_url: str) -> str:
     """What to run when an existing cluster meets a flow that has no Prefect server of its own."""
     import socket
@@ -272,17 +308,18 @@ def no_server_message(temporary_url: str) -> str:
     host = socket.gethostname()
     return (
         f"this flow has no Prefect server (PREFECT_API_URL is not set), so it started a temporary one at "
-        f"{temporary_url} that the cluster's workers cannot reach and that ends with the run. Start one server "
-        f"and point the flow, the scheduler and every worker at it: (1) on {host}: "
-        f"`prefect server start --host 0.0.0.0 --port 4200`; (2) in the flow's shell and before `dask scheduler` "
-        f"and `dask worker` on every node: `export PREFECT_API_URL=http://{host}:4200/api`; (3) restart the "
-        f"workers and run again"
+        f"{temporary_url} that the cluster's workers cannot reach and that ends with the run. Start one server, "
+        f"with a secret, and point the flow, the scheduler and every worker at it: (1) on {host}: "
+        f"`PREFECT_SERVER_API_AUTH_STRING=<secret> prefect server start --host 0.0.0.0 --port 4200`; (2) in the "
+        f"flow's shell and before `dask scheduler` and `dask worker` on every node: `export "
+        f"PREFECT_API_URL=http://{host}:4200/api PREFECT_API_AUTH_STRING=<secret>`; (3) restart the workers and "
+        f"run again"
     )
 
 
 def check_cluster(
     address: str, output_dir: str | Path, api_url: str | None, need_gpu: bool, timeout: float = 30,
-    temporary_server: bool = False,
+    temporary_server: bool = False, security=None,
 ) -> dict:
     """Check an existing Dask cluster before sending work; raises ClusterError saying what is wrong.
 
@@ -296,8 +333,10 @@ def check_cluster(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if address.startswith("tls://") and security is None:
+        raise ClusterError(f"dask.address {address} speaks TLS: give dask.security: {{ca_file, cert, key}}")
     try:
-        client = Client(address, timeout=timeout)
+        client = Client(address, timeout=timeout, security=security)
     except OSError as exc:
         raise ClusterError(f"dask.address {address}: cannot connect ({exc})") from None
     try:

@@ -237,6 +237,14 @@ class JobQueueConfig(_Strict):
     )
 
 
+class TLSFiles(_Strict):
+    """The client's TLS files for an existing cluster started with ``--tls-ca-file/--tls-cert/--tls-key``."""
+
+    ca_file: str = Field(description="The cluster's certificate authority (PEM).")
+    cert: str = Field(description="This client's certificate (PEM).")
+    key: str = Field(description="This client's private key (PEM).")
+
+
 class DaskConfig(_Strict):
     cluster: Literal["local", "slurm", "pbs"] = Field(
         "local", description="local: a cluster on this machine; slurm/pbs: dask-jobqueue (see `jobqueue`)."
@@ -248,9 +256,10 @@ class DaskConfig(_Strict):
     address: str | None = Field(
         None, description="Address of an existing Dask scheduler, e.g. tcp://host:8786."
     )
-    security: bool = Field(
-        True, description="slurm/pbs: the scheduler and workers talk TLS with credentials made for the run, "
-        "so no one else who reaches the scheduler's port gets in; false: plain TCP (the run log says so)."
+    security: bool | TLSFiles = Field(
+        True, description="local and slurm/pbs: true, the scheduler and workers talk TLS with credentials made for "
+        "the run, so no one else who reaches their ports gets in; false: plain TCP (the run log says so). With "
+        "`address`: the `{ca_file, cert, key}` of a tls:// cluster."
     )
 
     @model_validator(mode="after")
@@ -261,6 +270,9 @@ class DaskConfig(_Strict):
             raise ValueError("dask: give either `address` or `cluster`, not both")
         if self.cluster != "local" and self.jobqueue is None:
             self.jobqueue = JobQueueConfig()
+        if isinstance(self.security, TLSFiles) and not self.address:
+            raise ValueError("dask.security: TLS files are for an existing cluster (`address`); a local or "
+                             "slurm/pbs cluster makes its own credentials (security: true)")
         return self
 
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mace_ood.config import load_config
+from tests.ports import listening_beyond_loopback, plain_client_gets_in
 
 
 def _slurm_state() -> str | None:
@@ -45,47 +46,6 @@ def slurm_config(work, **jobqueue) -> dict:
     return config
 
 
-def listening_beyond_loopback(process) -> set[str]:
-    """``host:port`` of every TCP socket ``process`` listens on that another machine could reach."""
-    import socket
-
-    import psutil
-
-    host = socket.gethostbyname(socket.gethostname())
-    found = set()
-    for connection in process.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and not connection.laddr.ip.startswith(("127.", "::1")):
-            ip = host if connection.laddr.ip in ("0.0.0.0", "::") else connection.laddr.ip
-            found.add(f"{ip}:{connection.laddr.port}")
-    return found
-
-
-def plain_client_gets_in(address: str) -> bool:
-    """Whether a plain Dask client (no TLS, no credentials) at ``address`` is answered: a scheduler
-    runs what it submits, a worker tells who it is."""
-    import asyncio
-
-    from distributed import Client
-    from distributed.comm import connect
-
-    async def identity() -> dict:
-        comm = await connect(f"tcp://{address}", timeout=5)
-        try:
-            await comm.write({"op": "identity", "reply": True})
-            return await asyncio.wait_for(comm.read(), 5)
-        finally:
-            comm.abort()
-
-    try:
-        answer = asyncio.run(identity())
-    except Exception:  # refused: no TLS handshake, no answer
-        return False
-    if answer.get("type") == "Scheduler":
-        with Client(f"tcp://{address}", timeout=5) as client:
-            return client.submit(lambda: "ran as the run's user").result(timeout=30) == "ran as the run's user"
-    return bool(answer)
-
-
 def probe_every_port(logs, run_dir, outcome: dict, modes: dict) -> None:
     """Once a worker has joined, try a plain client on every port the run's scheduler (this process)
     and its workers (in the SLURM jobs) listen on beyond loopback; note the modes of the run's
@@ -106,7 +66,8 @@ def probe_every_port(logs, run_dir, outcome: dict, modes: dict) -> None:
                     ports.update({port: "worker" for port in listening_beyond_loopback(process)})
     for path in [*run_dir.glob(".dask-credentials-*"), *run_dir.glob(".dask-credentials-*/*")]:
         modes[path.name] = oct(path.stat().st_mode & 0o777)
-    outcome.update({f"{kind} {port}": plain_client_gets_in(port) for port, kind in ports.items()})
+    for port, kind in sorted(ports.items()):
+        outcome[f"{kind} {port}"] = plain_client_gets_in(port)
 
 
 @pytest.mark.slow
@@ -130,7 +91,7 @@ def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_i
 
     result = ood_detection(load_config(work / "slurm.yaml"))
 
-    prober.join(timeout=60)
+    prober.join(timeout=180)
     assert any(k.startswith("scheduler") for k in probed) and any(k.startswith("worker") for k in probed), probed
     assert not any(probed.values()), f"a plain client got in: {probed}"
     directories = [name for name in modes if name.startswith(".dask-credentials-")]

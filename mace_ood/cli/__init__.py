@@ -112,6 +112,15 @@ def validate(
         ref = " (reference)" if evaluation.reference else ""
         typer.echo(f"evaluation {evaluation.family} -> {evaluation.dataset}{ref}")
     typer.echo(f"{len(plan.jobs)} extraction job(s); output in {cfg.output_dir}")
+    from mace_ood.cluster import plain_address_warning
+    from mace_ood.flows.server import UnsafeApiError, refuse_unauthenticated_api
+
+    try:
+        refuse_unauthenticated_api()
+    except UnsafeApiError as exc:
+        _fail(str(exc))
+    if warning := plain_address_warning(cfg.dask):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     if cfg.dask.cluster != "local":
         typer.echo(_job_script(cfg))
 
@@ -164,23 +173,24 @@ def run_config(cfg) -> dict:
     """Run the Prefect flow on a validated config; bad input exits with a one-line error."""
     from mace_ood.cluster import ClusterError, import_jobqueue
     from mace_ood.extract.models import ModelError
+    from mace_ood.flows.server import ServerStartError, UnsafeApiError, refuse_unauthenticated_api
     from mace_ood.plan import plan_run
     from mace_ood.score.latents import ScoreError
     from mace_ood.structures import InputError
 
     try:
         plan = plan_run(cfg)  # fail fast, before any Prefect or Dask start-up; the flow runs this plan
-    except (InputError, ModelError) as exc:
+        refuse_unauthenticated_api()
+    except (InputError, ModelError, UnsafeApiError) as exc:
         _fail(str(exc))
     from mace_ood.flows.ood import TaskFailures, ood_detection
-    from mace_ood.flows.server import ServerStartError
     from mace_ood.flows.session import RunSession
 
     try:
         import_jobqueue(cfg.dask)
         with RunSession(f"mace-ood on {cfg.output_dir}", owns_process=True) as session:
             return session.call(ood_detection, cfg, plan)
-    except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, TaskFailures) as exc:
+    except (InputError, ModelError, ScoreError, ClusterError, ServerStartError, UnsafeApiError, TaskFailures) as exc:
         _fail(str(exc))
 
 

@@ -16,16 +16,18 @@ from prefect_dask import DaskTaskRunner
 from mace_ood.cluster import (
     can_fork_workers,
     check_cluster,
+    client_security,
     forked_local_workers,
     import_jobqueue,
     job_log_directory,
     jobqueue_cluster,
+    plain_address_warning,
     worker_environment,
 )
 from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
-from mace_ood.flows.server import is_temporary, start_temporary_server
+from mace_ood.flows.server import is_temporary, refuse_unauthenticated_api, start_temporary_server
 from mace_ood.flows.session import call_in_session, raise_if_interrupted
 from mace_ood.jobwatch import JobWatch
 from mace_ood.plan import RunPlan, mark_complete, plan_run, write_manifest
@@ -74,8 +76,8 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
     import torch
 
     if dask_config.address:
-        return TaskRunnerPlan(DaskTaskRunner(address=dask_config.address), resolve_device(device).startswith("cuda"),
-                              False)
+        runner = DaskTaskRunner(address=dask_config.address, client_kwargs={"security": client_security(dask_config)})
+        return TaskRunnerPlan(runner, resolve_device(device).startswith("cuda"), False)
     if dask_config.cluster != "local":
         raise ValueError("a batch-queue cluster is the run's own (batch_queue_cluster): give its address")
 
@@ -94,6 +96,12 @@ def make_task_runner(dask_config: DaskConfig, device: str, api_url: str | None) 
         # they ignore a terminal's Ctrl-C (the run's owner stops them); the user's Dask preloads too
         "preload": ["mace_ood.worker_signals", *dask.config.get("distributed.worker.preload", [])],
     }
+    if dask_config.security:
+        from distributed.security import Security
+
+        # other accounts of a shared login node reach 127.0.0.1 too; TLS costs ~0.2 s of worker
+        # start-up (benchmarks/worker_start.py)
+        cluster_kwargs.update(security=Security.temporary(), protocol="tls://")
     if n_gpus:
         cluster_kwargs["resources"] = {"GPU": 1}
         if n_gpus > 1 and importlib.util.find_spec("dask_cuda") is not None:
@@ -227,6 +235,9 @@ def _score_and_report(config: RunConfig, plan: RunPlan | None) -> ReportResult:
         ", ".join(f"{name} ({len(files)} files)" for name, files in plan.files.items()),
     )
     api_url, temporary_server = prefect_api_url()
+    refuse_unauthenticated_api(api_url)
+    if warning := plain_address_warning(config.dask):
+        logger.warning(warning)
     batch_queue = config.dask.cluster != "local"
     with batch_queue_cluster(config, api_url, logger.info) if batch_queue else nullcontext() as queue_cluster:
         if batch_queue:
@@ -241,7 +252,7 @@ def _score_and_report(config: RunConfig, plan: RunPlan | None) -> ReportResult:
             runner, gpu, forked = make_task_runner(config.dask, config.device, api_url)
         if config.dask.address:
             found = check_cluster(config.dask.address, config.output_dir, api_url, need_gpu=gpu,
-                                  temporary_server=temporary_server)
+                                  temporary_server=temporary_server, security=client_security(config.dask))
             logger.info("Dask cluster at %s: %d workers (%d with a GPU)", config.dask.address, found["workers"],
                         found["gpu_workers"])
         with forked_local_workers(runner.cluster_kwargs["env"]) if forked else nullcontext():

@@ -26,6 +26,20 @@ class ServerStartError(RuntimeError):
     pass
 
 
+class UnsafeApiError(RuntimeError):
+    """A Prefect API others can reach without a secret (:func:`unauthenticated_api_message`)."""
+
+
+def refuse_unauthenticated_api(api_url: str | None = None) -> None:
+    """Raise :class:`UnsafeApiError` for ``api_url`` (default: the configured ``PREFECT_API_URL``)."""
+    from prefect.settings import get_current_settings
+
+    url = api_url or get_current_settings().api.url
+    message = unauthenticated_api_message(str(url) if url else None)
+    if message:
+        raise UnsafeApiError(message)
+
+
 def startup_timeout() -> float:
     """The user's ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` when set (environment or
     Prefect profile), else ``DEFAULT_STARTUP_TIMEOUT_S``."""
@@ -60,6 +74,23 @@ def start_temporary_server(timeout_s: float | None = None) -> str:
             _temporary_api_url[:] = [server.api_url]
             return server.api_url
     raise AssertionError("unreachable")
+
+
+def unauthenticated_api_message(api_url: str | None) -> str | None:
+    """One line when the flow's Prefect API is beyond this machine and its clients carry no auth
+    string (``PREFECT_API_AUTH_STRING``), else None."""
+    from urllib.parse import urlparse
+
+    from prefect.settings import get_current_settings
+
+    from mace_ood.cluster import is_loopback_host
+
+    if not api_url or is_loopback_host(urlparse(api_url).hostname) or get_current_settings().api.auth_string:
+        return None
+    return (f"PREFECT_API_URL {api_url} is beyond this machine and PREFECT_API_AUTH_STRING is not set: anyone who "
+            "reaches that server reads every run's logs, cancels runs and starts deployments with any parameters; "
+            "start it with PREFECT_SERVER_API_AUTH_STRING=<secret> and export PREFECT_API_AUTH_STRING=<secret> for "
+            "the flow and its workers (SLURM jobs inherit it from the flow's environment)")
 
 
 def is_temporary(api_url: str | None) -> bool:
