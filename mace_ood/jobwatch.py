@@ -90,3 +90,28 @@ def last_error_line(log_directory: str | None, job_id: str) -> str:
         return f"no .err log of job {job_id} in {log_directory}"
     lines = [line.strip() for line in logs[0].read_text(errors="replace").splitlines() if line.strip()]
     return f"{lines[-1] if lines else 'its .err log is empty'} ({logs[0]})"
+
+
+def unreachable_api_message(kind: str, queue: str | None, api_url: str | None) -> str | None:
+    """One line when the flow's Prefect API is on loopback (a temporary server, or a server started
+    on 127.0.0.1) and the SLURM partition's nodes are other machines, which cannot reach it."""
+    import socket
+    from urllib.parse import urlparse
+
+    from mace_ood.cluster import is_loopback_host
+
+    if kind != "slurm" or not api_url or not is_loopback_host(urlparse(api_url).hostname):
+        return None
+    command = ["sinfo", "-h", "-N", "-o", "%N", *(["-p", queue] if queue else [])]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    here = {socket.gethostname().split(".")[0], "localhost"}
+    others = sorted({node for node in done.stdout.split() if node.split(".")[0] not in here})
+    if done.returncode != 0 or not others:
+        return None
+    return (f"the flow's Prefect API {api_url} is on this machine's loopback, which the SLURM nodes "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) cannot reach: start a Prefect server they "
+            "reach (PREFECT_SERVER_API_AUTH_STRING=<secret> prefect server start --host 0.0.0.0) and export "
+            "PREFECT_API_URL=http://<this host>:4200/api PREFECT_API_AUTH_STRING=<secret> before the run")

@@ -61,3 +61,27 @@ def test_no_conclusion_without_squeue_s_answer_or_once_a_worker_arrived(tmp_path
     arrived = JobWatch(cluster(workers={"tls://node:1": {}}), "slurm", str(tmp_path), timeout_s=0)
     arrived.check()  # a worker is up: the watch is done, whatever the jobs
     assert arrived.arrived
+
+
+def fake_sinfo(tmp_path, monkeypatch, nodes: str) -> None:
+    script = tmp_path / "sbin" / "sinfo"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\nprintf '{nodes}'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_loopback_prefect_api_is_refused_when_the_partition_s_nodes_are_other_machines(tmp_path, monkeypatch):
+    import socket
+
+    from mace_ood.jobwatch import unreachable_api_message
+
+    fake_sinfo(tmp_path, monkeypatch, "node01\\nnode02\\n")
+    message = unreachable_api_message("slurm", "gpu", "http://127.0.0.1:4200/api")
+    assert message.startswith("the flow's Prefect API http://127.0.0.1:4200/api is on this machine's loopback, "
+                              "which the SLURM nodes (node01, node02) cannot reach")
+    assert unreachable_api_message("slurm", "gpu", "http://login1:4200/api") is None  # reachable: not for us to judge
+    assert unreachable_api_message("pbs", "gpu", "http://127.0.0.1:4200/api") is None
+    (tmp_path / "b").mkdir()
+    fake_sinfo(tmp_path / "b", monkeypatch, f"{socket.gethostname()}\\n")  # one node, this one: loopback reaches it
+    assert unreachable_api_message("slurm", "debug", "http://127.0.0.1:4200/api") is None

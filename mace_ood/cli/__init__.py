@@ -122,6 +122,13 @@ def validate(
     if warning := plain_address_warning(cfg.dask):
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     if cfg.dask.cluster != "local":
+        from prefect.settings import get_current_settings
+
+        from mace_ood.jobwatch import unreachable_api_message
+
+        api_url = get_current_settings().api.url or "http://127.0.0.1/api"  # unset: a temporary server, on loopback
+        if refusal := unreachable_api_message(cfg.dask.cluster, cfg.dask.jobqueue.queue, str(api_url)):
+            _fail(refusal)
         typer.echo(_job_script(cfg))
 
 

@@ -3,6 +3,7 @@
 
 import importlib.util
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -14,6 +15,7 @@ from prefect.logging import get_run_logger
 from prefect_dask import DaskTaskRunner
 
 from mace_ood.cluster import (
+    ClusterError,
     can_fork_workers,
     check_cluster,
     client_security,
@@ -29,7 +31,7 @@ from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.flows.server import is_temporary, refuse_unauthenticated_api, start_temporary_server
 from mace_ood.flows.session import call_in_session, raise_if_interrupted
-from mace_ood.jobwatch import JobWatch
+from mace_ood.jobwatch import JobWatch, unreachable_api_message
 from mace_ood.plan import RunPlan, mark_complete, plan_run, write_manifest
 from mace_ood.records import (
     EvaluationPlan,
@@ -127,6 +129,8 @@ def batch_queue_cluster(config: RunConfig, api_url: str | None, report) -> Itera
     ``max_jobs`` and closed (its jobs cancelled) at the end; yields it. Its
     :class:`~mace_ood.cluster.JobWatch` is checked at each of the flow's waits (:func:`_gather`)."""
     queue = config.dask.jobqueue
+    if refusal := unreachable_api_message(config.dask.cluster, queue.queue, api_url):
+        raise ClusterError(refusal)
     with jobqueue_cluster(config.dask, api_url, config.output_dir) as cluster:
         cluster.adapt(minimum_jobs=queue.min_jobs, maximum_jobs=queue.max_jobs)
         watch = JobWatch(cluster, config.dask.cluster, job_log_directory(config.dask, config.output_dir),
@@ -150,12 +154,16 @@ class TaskFailures(RuntimeError):
 
 def _gather(futures: list, names: list[str], what: str) -> list:
     """Results of every future; one error naming each failure (finished files are kept). Waits in
-    short steps: an interrupted library call stops the flow here (:func:`raise_if_interrupted`)."""
+    short steps: an interrupted library call stops the flow here (:func:`raise_if_interrupted`), and a
+    batch-queue cluster's jobs are checked (:func:`_check_jobs`). The steps sleep and read the Dask
+    future's status: a ``wait(timeout=...)`` goes through distributed's ``sync`` with a callback
+    timeout, which raised ``UnboundLocalError`` when the timeout and the result crossed (a SLURM run
+    failed so under load)."""
     for future in futures:
         while not future.wrapped_future.done():
             raise_if_interrupted()
             _check_jobs()
-            future.wait(timeout=0.25)
+            time.sleep(0.25)
         future.wait()
     results, failures = [], []
     for name, future in zip(names, futures, strict=True):
