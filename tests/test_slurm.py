@@ -71,7 +71,8 @@ def probe_every_port(logs, run_dir, outcome: dict, modes: dict) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_in(slurm, finished_run, tmp_path):
+def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_in(slurm, finished_run, tmp_path,
+                                                                                   capfd):
     import threading
 
     from mace_ood.flows.ood import ood_detection
@@ -92,6 +93,9 @@ def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_i
     result = ood_detection(load_config(work / "slurm.yaml"))
 
     prober.join(timeout=180)
+    console = capfd.readouterr().err  # the jobs' task logs are in their .err files: the flow says what finished
+    n_jobs = len(result["extractions"])
+    assert f"finished ({n_jobs} of {n_jobs} extraction(s))" in console and "finished (4 of 4 scoring(s))" in console
     assert any(k.startswith("scheduler") for k in probed) and any(k.startswith("worker") for k in probed), probed
     assert not any(probed.values()), f"a plain client got in: {probed}"
     directories = [name for name in modes if name.startswith(".dask-credentials-")]

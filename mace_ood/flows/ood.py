@@ -4,7 +4,7 @@
 import importlib.util
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -152,18 +152,24 @@ class TaskFailures(RuntimeError):
     """Some tasks of a phase failed (one line naming each, with its cause); finished files stay."""
 
 
-def _gather(futures: list, names: list[str], what: str) -> list:
+def _gather(futures: list, names: list[str], what: str, report: Callable[[str], None] | None = None) -> list:
     """Results of every future; one error naming each failure (finished files are kept). Waits in
     short steps: an interrupted library call stops the flow here (:func:`raise_if_interrupted`), and a
-    batch-queue cluster's jobs are checked (:func:`_check_jobs`). The steps sleep and read the Dask
-    future's status: a ``wait(timeout=...)`` goes through distributed's ``sync`` with a callback
-    timeout, which raised ``UnboundLocalError`` when the timeout and the result crossed (a SLURM run
-    failed so under load)."""
-    for future in futures:
-        while not future.wrapped_future.done():
+    batch-queue cluster's jobs are checked (:func:`_check_jobs`); ``report`` gets a line as each
+    future finishes. The steps sleep and read the Dask futures' status: a ``wait(timeout=...)`` goes
+    through distributed's ``sync`` with a callback timeout, which raised ``UnboundLocalError`` once
+    in a SLURM run under load."""
+    pending = dict(enumerate(futures))
+    while pending:
+        for index in [i for i, future in pending.items() if future.wrapped_future.done()]:
+            del pending[index]
+            if report:
+                report(f"{names[index]}: finished ({len(futures) - len(pending)} of {len(futures)} {what})")
+        if pending:
             raise_if_interrupted()
             _check_jobs()
             time.sleep(0.25)
+    for future in futures:
         future.wait()
     results, failures = [], []
     for name, future in zip(names, futures, strict=True):
@@ -188,29 +194,31 @@ def extract_and_score(
     family's reference fit, then every evaluation's scores, then every evaluation's calibration
     and selection, each phase in parallel."""
     output_dir, scores = str(config.output_dir), config.scores
+    # the workers' task logs reach this console only from a local cluster (they share its stderr)
+    report = get_run_logger().info if config.dask.address or config.dask.cluster != "local" else None
     with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
         extractions = _gather(
             extract_latents.map(jobs, settings=unmapped(config.extraction_settings())), [j.name for j in jobs],
-            "extraction(s)",
+            "extraction(s)", report,
         )
         own = [e for e in evaluations if e.reference]
         labelled = validation_evaluations(evaluations)
         references = _gather(
             [fit_reference_task.submit(e, output_dir, scores, config.device, labelled.get(e.family),
                                        config.energy_key) for e in own],
-            [e.family for e in own], "reference fit(s)",
+            [e.family for e in own], "reference fit(s)", report,
         )
         reference_of = {e.family: r["path"] for e, r in zip(own, references, strict=True)}
         scored = _gather(
             [score_latents.submit(e, output_dir, config.chunk_atoms, reference_of[e.family], config.device)
              for e in evaluations],
-            [e.label for e in evaluations], "scoring(s)",
+            [e.label for e in evaluations], "scoring(s)", report,
         )
         own_of = {e.family: e for e in own}
         selections = _gather(
             [select_task.submit(e, own_of[e.family], output_dir, config.select, scores, labelled.get(e.family),
                                 config.forces_key) for e in evaluations],
-            [e.label for e in evaluations], "selection(s)",
+            [e.label for e in evaluations], "selection(s)", report,
         )
     return extractions, scored, selections
 
