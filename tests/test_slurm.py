@@ -5,6 +5,7 @@ Skipped, with the reason, where no SLURM answers; ``MACE_OOD_REQUIRE_SLURM=1`` (
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -71,8 +72,7 @@ def probe_every_port(logs, run_dir, outcome: dict, modes: dict) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_in(slurm, finished_run, tmp_path,
-                                                                                   capfd):
+def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_in(slurm, finished_run, tmp_path):
     import threading
 
     from mace_ood.flows.ood import ood_detection
@@ -90,10 +90,17 @@ def test_a_run_through_slurm_jobs_scores_like_a_local_run_and_lets_no_one_else_i
                               daemon=True)
     prober.start()
 
-    result = ood_detection(load_config(work / "slurm.yaml"))
+    console: list[str] = []  # what the flow's logger prints (Prefect's console handler hangs on the same logger)
+    listener = logging.Handler()
+    listener.emit = lambda record: console.append(record.getMessage())
+    logging.getLogger("prefect.flow_runs").addHandler(listener)
+    try:
+        result = ood_detection(load_config(work / "slurm.yaml"))
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(listener)
 
     prober.join(timeout=180)
-    console = capfd.readouterr().err  # the jobs' task logs are in their .err files: the flow says what finished
+    console = "\n".join(console)  # the jobs' task logs are in their .err files: the flow says what finished
     n_jobs = len(result["extractions"])
     assert f"finished ({n_jobs} of {n_jobs} extraction(s))" in console and "finished (4 of 4 scoring(s))" in console
     assert any(k.startswith("scheduler") for k in probed) and any(k.startswith("worker") for k in probed), probed
