@@ -99,29 +99,22 @@ def jobqueue_cluster(dask_config: DaskConfig, api_url: str | None, output_dir: s
     files 0600), in ``credentials_parent`` (default ``output_dir``: the shared file system the jobs
     see), and removed with the cluster."""
     import importlib
-    import shutil
     import tempfile
+    from contextlib import ExitStack
 
     import_jobqueue(dask_config)
     module, name = jobqueue_cluster_class(dask_config).rsplit(".", 1)
     kwargs = jobqueue_kwargs(dask_config, api_url, output_dir)
-    credentials = None
-    if dask_config.security:
-        from distributed.security import Security
+    with ExitStack() as stack:
+        if dask_config.security:
+            from distributed.security import Security
 
-        parent = Path(credentials_parent or output_dir)
-        parent.mkdir(parents=True, exist_ok=True)
-        credentials = Path(tempfile.mkdtemp(prefix=".dask-credentials-", dir=parent))  # mode 0700
-        kwargs.update(security=Security.temporary(), shared_temp_directory=str(credentials))
-    try:
-        cluster = getattr(importlib.import_module(module), name)(**{**kwargs, **overrides})
-        try:
-            yield cluster
-        finally:
-            cluster.close()
-    finally:
-        if credentials is not None:
-            shutil.rmtree(credentials, ignore_errors=True)
+            parent = Path(credentials_parent or output_dir)
+            parent.mkdir(parents=True, exist_ok=True)
+            credentials = stack.enter_context(tempfile.TemporaryDirectory(  # mode 0700
+                prefix=".dask-credentials-", dir=parent, ignore_cleanup_errors=True))
+            kwargs.update(security=Security.temporary(), shared_temp_directory=credentials)
+        yield stack.enter_context(getattr(importlib.import_module(module), name)(**{**kwargs, **overrides}))
 
 
 def worker_environment(
@@ -269,8 +262,10 @@ def is_loopback_host(host: str | None) -> bool:
     """Whether ``host`` (a name or an address) is this machine's loopback: no other machine reaches it."""
     import ipaddress
 
-    if not host or host == "localhost":
-        return bool(host)
+    if host == "localhost":
+        return True
+    if not host:
+        return False
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

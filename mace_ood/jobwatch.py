@@ -45,15 +45,16 @@ class JobWatch:
             return  # nothing submitted yet: the adaptive scaling submits once tasks wait
         if self._first_job_at is None:
             self._first_job_at = self._next_report = now
-        states = slurm_job_states(self.jobs) if self.kind == "slurm" else {}
+        states = slurm_job_states(self.jobs) if self.kind == "slurm" else None
         for job_id in sorted(self.jobs, key=int):
-            state, _ = states.get(job_id, ("", ""))
-            if states and state not in ACTIVE_JOB_STATES:
+            state, _ = (states or {}).get(job_id, ("", ""))
+            if states is not None and state not in ACTIVE_JOB_STATES:
                 raise ClusterError(
                     f"SLURM job {job_id} ended ({state or 'gone from squeue'}) before its Dask worker started: "
                     f"{last_error_line(self.log_directory, job_id)}"
                 )
-        waiting = ", ".join(f"{j} {' '.join(states.get(j, ('submitted', ''))).strip()}" for j in sorted(self.jobs, key=int))
+        waiting = ", ".join(f"{j} {' '.join((states or {}).get(j, ('submitted', ''))).strip()}"
+                            for j in sorted(self.jobs, key=int))
         if now - self._first_job_at > self.timeout_s:
             raise ClusterError(
                 f"no Dask worker started within {self.timeout_s:.0f} s of the first {self.kind.upper()} job "
@@ -65,22 +66,21 @@ class JobWatch:
                         f"job(s) {waiting}")
 
 
-def slurm_job_states(job_ids: set[str]) -> dict[str, tuple[str, str]]:
-    """``{job id: (state, reason)}`` from squeue; a job squeue no longer knows is absent, and the
-    dict is empty when squeue itself did not answer (nothing can be concluded then)."""
+def slurm_job_states(job_ids: set[str]) -> dict[str, tuple[str, str]] | None:
+    """``{job id: (state, reason)}`` from squeue, a job squeue no longer knows absent (it forgets
+    them MinJobAge after they end); None when squeue itself did not answer (nothing can be concluded)."""
     try:
         done = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(sorted(job_ids)), "-o", "%i|%T|%r"],
                               capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
+        return None
     if done.returncode != 0:
-        # every id forgotten (they end up so MinJobAge after ending): all ended
-        return {"": ("", "")} if "Invalid job id" in done.stderr else {}
+        return {} if "Invalid job id" in done.stderr else None  # every id forgotten: all ended
     states = {}
     for line in done.stdout.splitlines():
         job_id, state, reason = (line.split("|") + ["", ""])[:3]
         states[job_id.strip()] = (state.strip(), "" if reason.strip() in ("None", "") else f"({reason.strip()})")
-    return states or {"": ("", "")}
+    return states
 
 
 def last_error_line(log_directory: str | None, job_id: str) -> str:

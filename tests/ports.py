@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 
-def listening_beyond_loopback(process, loopback_too: bool = False) -> set[str]:
-    """``host:port`` of every TCP socket ``process`` listens on that another machine could reach
-    (``loopback_too``: that another account of this machine could reach)."""
+def listening_beyond_loopback(process) -> set[str]:
+    """``host:port`` of every TCP socket ``process`` listens on that another machine could reach."""
     import socket
 
     import psutil
@@ -14,8 +13,7 @@ def listening_beyond_loopback(process, loopback_too: bool = False) -> set[str]:
     host = socket.gethostbyname(socket.gethostname())
     found = set()
     for connection in process.net_connections(kind="tcp"):
-        local = connection.laddr.ip.startswith(("127.", "::1"))
-        if connection.status == psutil.CONN_LISTEN and (loopback_too or not local):
+        if connection.status == psutil.CONN_LISTEN and not connection.laddr.ip.startswith(("127.", "::1")):
             ip = host if connection.laddr.ip in ("0.0.0.0", "::") else connection.laddr.ip
             found.add(f"{ip}:{connection.laddr.port}")
     return found

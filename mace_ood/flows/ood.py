@@ -127,7 +127,7 @@ _job_watch: ContextVar[JobWatch | None] = ContextVar("mace_ood_job_watch", defau
 def batch_queue_cluster(config: RunConfig, api_url: str | None, report) -> Iterator:
     """The run's SLURM/PBS cluster (dask-jobqueue), scaled adaptively between ``min_jobs`` and
     ``max_jobs`` and closed (its jobs cancelled) at the end; yields it. Its
-    :class:`~mace_ood.cluster.JobWatch` is checked at each of the flow's waits (:func:`_gather`)."""
+    :class:`~mace_ood.jobwatch.JobWatch` is checked at each of the flow's waits (:func:`_gather`)."""
     queue = config.dask.jobqueue
     if refusal := unreachable_api_message(config.dask.cluster, queue.queue, api_url):
         raise ClusterError(refusal)
