@@ -3,6 +3,7 @@ is named, an existing cluster can be reached over TLS (SLURM's TLS is tested in 
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -154,3 +155,50 @@ def test_a_local_run_s_cluster_refuses_a_plain_client_on_every_address(tmp_path)
             assert all(a.startswith("tls://") for a in addresses) and not any(answered.values()), answered
         else:
             assert all(answered.values()), answered  # the check itself can see a way in
+
+
+def test_a_local_run_s_temporary_prefect_server_takes_only_the_run_s_secret():
+    """Another account of the machine reaches 127.0.0.1 too: the temporary server of a run answers
+    no request without the run's secret (401), while the run's own clients, in this process and in
+    the processes it starts (its Dask workers), carry it; the secret leaves with the server."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from mace_ood.flows.server import is_temporary, run_api
+
+    def status(url: str, secret: str | None = None) -> int:
+        import base64
+
+        headers = {"Content-Type": "application/json"}
+        if secret is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(secret.encode()).decode()
+        request = urllib.request.Request(f"{url}/flows/filter", data=b"{}", headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    env_before = os.environ.get("PREFECT_API_AUTH_STRING")
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_API_AUTH_STRING}), run_api() as url:
+        assert url.startswith("http://127.0.0.1:") and is_temporary(url)
+        secret = os.environ["PREFECT_API_AUTH_STRING"]
+        assert len(secret) >= 32
+        assert status(url) == 401
+        assert status(url, "guess") == 401
+        assert status(url, secret) == 200
+        with get_client(sync_client=True) as client:  # this process's clients (the flow)
+            client.read_flows(limit=1)
+        child = subprocess.run(  # a process the run starts (a worker): its inherited environment suffices
+            [sys.executable, "-c", "from prefect.client.orchestration import get_client\n"
+             "with get_client(sync_client=True) as c: c.read_flows(limit=1)"],
+            env={**os.environ, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120)
+        assert child.returncode == 0, child.stderr[-2000:]
+    assert os.environ.get("PREFECT_API_AUTH_STRING") == env_before
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=5)

@@ -29,7 +29,7 @@ from mace_ood.cluster import (
 from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
-from mace_ood.flows.server import is_temporary, refuse_unauthenticated_api, start_temporary_server
+from mace_ood.flows.server import is_temporary, refuse_unauthenticated_api
 from mace_ood.flows.session import call_in_session, raise_if_interrupted
 from mace_ood.jobwatch import JobWatch, unreachable_api_message
 from mace_ood.plan import RunPlan, mark_complete, plan_run, write_manifest
@@ -52,13 +52,17 @@ from mace_ood.tasks.select import select_task
 
 def prefect_api_url() -> tuple[str | None, bool]:
     """The API this flow talks to, and whether it is a temporary server, which lives only as
-    long as this run (the CLI starts one, with a longer start-up timeout and a retry)."""
+    long as this run (a session starts one with a secret, a longer start-up timeout and a retry;
+    a flow called without one talks to the server Prefect started for it)."""
+    from prefect.context import FlowRunContext
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
-    if url:
-        return str(url), is_temporary(str(url))
-    return start_temporary_server(), True
+    if not url:
+        context = FlowRunContext.get()
+        url = context.client.api_url if context else None
+    url = str(url).rstrip("/") if url else None
+    return url, is_temporary(url)
 
 
 class TaskRunnerPlan(NamedTuple):

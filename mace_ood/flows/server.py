@@ -5,12 +5,18 @@ Without ``PREFECT_API_URL``, Prefect starts a temporary server in a subprocess a
 login node that start-up took longer, and the run failed before any work. mace-ood starts
 that server itself, before the flow: with ``DEFAULT_STARTUP_TIMEOUT_S`` unless the user set the
 timeout, one retry with twice the time, and then a one-line error saying what to do.
+
+The temporary server listens on 127.0.0.1, which every account of a shared login node reaches too:
+it is started with a random secret of the run (``PREFECT_SERVER_API_AUTH_STRING``), which only the
+run's own clients carry (``PREFECT_API_AUTH_STRING``, in this process's settings and environment
+while the run lasts, so that its Dask workers inherit it; never written to a file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,7 +25,7 @@ PREFECT_DEFAULT_TIMEOUT_S = 20.0  # Prefect 3.9's own default
 TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 log = logging.getLogger(__name__)
-_temporary_api_url: list[str] = []  # the URL of the temporary server this process started, if any
+_temporary_api_urls: set[str] = set()  # the temporary servers of this process's runs now
 
 
 class ServerStartError(RuntimeError):
@@ -51,13 +57,14 @@ def startup_timeout() -> float:
     return configured if configured != PREFECT_DEFAULT_TIMEOUT_S else DEFAULT_STARTUP_TIMEOUT_S
 
 
-def start_temporary_server(timeout_s: float | None = None) -> str:
-    """Start Prefect's temporary server (retried once with twice the time); returns its API URL."""
+def start_temporary_server(timeout_s: float | None = None):
+    """Start Prefect's temporary server (retried once with twice the time) with the current settings
+    (its auth string among them); returns the server (``api_url``, ``stop()``)."""
     from prefect.server.api.server import SubprocessASGIServer
 
     timeout_s = timeout_s or startup_timeout()
     for attempt in (1, 2):
-        server = SubprocessASGIServer()
+        server = SubprocessASGIServer(server_port())
         try:
             server.start(timeout=timeout_s * attempt)
         except RuntimeError:
@@ -71,9 +78,26 @@ def start_temporary_server(timeout_s: float | None = None) -> str:
             log.warning("Prefect's temporary server did not start within %g s; retrying with %g s",
                         timeout_s, 2 * timeout_s)
         else:
-            _temporary_api_url[:] = [server.api_url]
-            return server.api_url
+            return server
     raise AssertionError("unreachable")
+
+
+def is_temporary(api_url: str | None) -> bool:
+    """Whether ``api_url`` is a temporary server (it lives only as long as the run): one that a run of
+    this process started, or Prefect's own for a flow called without an API."""
+    from prefect.settings import get_current_settings
+
+    return bool(api_url) and (api_url in _temporary_api_urls or not get_current_settings().api.url)
+
+
+def server_port() -> int:
+    """A free port on 127.0.0.1 for a temporary server: given explicitly, the server is this run's
+    own instance (Prefect shares one instance between callers that give no port)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def unauthenticated_api_message(api_url: str | None) -> str | None:
@@ -93,31 +117,50 @@ def unauthenticated_api_message(api_url: str | None) -> str | None:
             "the flow and its workers (SLURM jobs inherit it from the flow's environment)")
 
 
-def is_temporary(api_url: str | None) -> bool:
-    """Whether ``api_url`` is a temporary server of this process (it lives only as long as the run)."""
-    return bool(api_url) and api_url in _temporary_api_url
-
-
 @contextmanager
 def run_api() -> Iterator[str]:
-    """The configured API, or a temporary server for the duration of the block (its URL is
-    then this process's ``PREFECT_API_URL``, which the Dask workers are given too)."""
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    """The configured API, or a temporary server with a secret of the run for the duration of the
+    block (its URL and secret are then this process's ``PREFECT_API_URL`` and
+    ``PREFECT_API_AUTH_STRING``, which the Dask workers are given too)."""
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_SERVER_API_AUTH_STRING,
+        get_current_settings,
+        temporary_settings,
+    )
 
     configured = get_current_settings().api.url
     if configured:
         yield str(configured)
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    secret = secrets.token_urlsafe(32)
+    with temporary_settings(updates={PREFECT_SERVER_API_AUTH_STRING: secret, PREFECT_API_AUTH_STRING: secret}):
+        server = start_temporary_server()
+        _temporary_api_urls.add(server.api_url)
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url}), \
+                    _environment(PREFECT_API_AUTH_STRING=secret):
+                yield server.api_url
+        finally:
+            _send_queued_logs()
+            _temporary_api_urls.discard(server.api_url)
+            server.stop()
 
-    url = start_temporary_server()
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``values`` in ``os.environ`` within the block, what was there before put back after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+        yield
     finally:
-        _send_queued_logs()
-        SubprocessASGIServer().stop()
-        _temporary_api_url.clear()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _send_queued_logs(timeout_s: float = 5.0) -> None:
