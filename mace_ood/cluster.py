@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,22 @@ def jobqueue_cluster(dask_config: DaskConfig, api_url: str | None, output_dir: s
             credentials = stack.enter_context(tempfile.TemporaryDirectory(  # mode 0700
                 prefix=".dask-credentials-", dir=parent, ignore_cleanup_errors=True))
             kwargs.update(security=Security.temporary(), shared_temp_directory=credentials)
-        yield stack.enter_context(getattr(importlib.import_module(module), name)(**{**kwargs, **overrides}))
+        clusters: list = []
+        stack.callback(lambda: [_close_credential_files(c) for c in clusters])  # after the cluster, before the directory
+        clusters.append(stack.enter_context(getattr(importlib.import_module(module), name)(**{**kwargs, **overrides})))
+        yield clusters[0]
+
+
+def _close_credential_files(cluster) -> None:
+    """Close (and so delete) the TLS files dask-jobqueue wrote for the cluster's jobs while their
+    directory is still there: the cluster holds them as ``NamedTemporaryFile`` attributes
+    (``_job_<key>``, dask-jobqueue 0.9's ``_get_worker_security``), deleted only when it is
+    collected, which was after the directory had gone, each printing a ``FileNotFoundError``
+    traceback (3 on a SLURM run; tests/test_slurm.py)."""
+    for attribute, value in list(vars(cluster).items()):
+        if attribute.startswith("_job_") and hasattr(value, "close"):
+            with suppress(OSError):
+                value.close()
 
 
 def worker_environment(
@@ -312,6 +327,35 @@ def no_server_message(temporary_url: str) -> str:
     )
 
 
+def probe_workers(client, output_dir: str | Path, api_url: str | None, temporary_server: bool = False) -> None:
+    """Ask every worker of ``client``'s cluster whether it imports mace_ood, talks to the flow's
+    Prefect API (``api_url``) and writes to ``output_dir`` where this process sees it; raises
+    :class:`ClusterError` naming the first worker that does not. Run before work is sent to an
+    existing cluster (:func:`check_cluster`) and when a batch-queue job's first worker arrives
+    (:class:`mace_ood.jobwatch.JobWatch`)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    answers = client.run(_probe, str(output_dir), token)
+    for worker, answer in answers.items():
+        if not answer["mace_ood"]:
+            raise ClusterError(f"worker {worker}: cannot import mace_ood; install mace-ood in the workers' environment")
+        if api_url and answer["prefect_api_url"] != api_url and temporary_server:
+            raise ClusterError(no_server_message(api_url))
+        if api_url and answer["prefect_api_url"] != api_url:
+            raise ClusterError(
+                f"worker {worker}: PREFECT_API_URL is {answer['prefect_api_url']!r}, the flow uses {api_url!r}; "
+                "start the workers with the same PREFECT_API_URL"
+            )
+        written = answer["written"]
+        if written.startswith("error") or not Path(written).is_file():
+            raise ClusterError(
+                f"worker {worker}: cannot write to {output_dir} where this process sees it ({written}); "
+                "output_dir must be on storage shared by the flow and every worker"
+            )
+        Path(written).unlink(missing_ok=True)
+
+
 def check_cluster(
     address: str, output_dir: str | Path, api_url: str | None, need_gpu: bool, timeout: float = 30,
     temporary_server: bool = False, security=None,
@@ -341,25 +385,7 @@ def check_cluster(
         workers = client.scheduler_info()["workers"]
         if not workers:
             raise ClusterError(f"dask.address {address}: the scheduler has no workers")
-        token = uuid.uuid4().hex[:8]
-        answers = client.run(_probe, str(output_dir), token)
-        for worker, answer in answers.items():
-            if not answer["mace_ood"]:
-                raise ClusterError(f"worker {worker}: cannot import mace_ood; install mace-ood in the workers' environment")
-            if api_url and answer["prefect_api_url"] != api_url and temporary_server:
-                raise ClusterError(no_server_message(api_url))
-            if api_url and answer["prefect_api_url"] != api_url:
-                raise ClusterError(
-                    f"worker {worker}: PREFECT_API_URL is {answer['prefect_api_url']!r}, the flow uses {api_url!r}; "
-                    "start the workers with the same PREFECT_API_URL"
-                )
-            written = answer["written"]
-            if written.startswith("error") or not Path(written).is_file():
-                raise ClusterError(
-                    f"worker {worker}: cannot write to {output_dir} where this process sees it ({written}); "
-                    "output_dir must be on storage shared by the flow and every worker"
-                )
-            Path(written).unlink(missing_ok=True)
+        probe_workers(client, output_dir, api_url, temporary_server)
         gpu_workers = [w for w, info in workers.items() if info.get("resources", {}).get("GPU", 0) >= 1]
         if need_gpu and not gpu_workers:
             raise ClusterError(

@@ -20,12 +20,15 @@ class JobWatch:
     Python with mace-ood on the node), quoting the last line of the job's ``.err`` log, or when no
     worker has started ``timeout_s`` after the first job was submitted (a full queue: the line
     gives squeue's reason). ``report`` gets a line every ``report_every_s`` while jobs wait. Only
-    the start is watched: once workers have arrived, a job that ends (walltime, ``scancel``) is
-    replaced by the adaptive scaling and its unfinished work resumes from the disk."""
+    the start is watched: once workers have arrived, ``probe`` (when given) checks them once, as an
+    existing cluster's workers are checked (:func:`mace_ood.cluster.probe_workers`: mace_ood
+    importable, the flow's Prefect API, ``output_dir`` writable where the flow sees it); after that,
+    a job that ends (walltime, ``scancel``) is replaced by the adaptive scaling and its unfinished
+    work resumes from the disk."""
 
     def __init__(self, cluster, kind: str, log_directory: str | None, timeout_s: float,
-                 report=None, poll_s: float = 2.0, report_every_s: float = 60.0) -> None:
-        self.cluster, self.kind, self.log_directory = cluster, kind, log_directory
+                 report=None, poll_s: float = 2.0, report_every_s: float = 60.0, probe=None) -> None:
+        self.cluster, self.kind, self.log_directory, self.probe = cluster, kind, log_directory, probe
         self.timeout_s, self.report, self.poll_s, self.report_every_s = timeout_s, report, poll_s, report_every_s
         self.jobs: set[str] = set()
         self.arrived = False
@@ -39,6 +42,8 @@ class JobWatch:
         self._next_check = now + self.poll_s
         if self.cluster.scheduler_info.get("workers"):
             self.arrived = True
+            if self.probe is not None:
+                self.probe()
             return
         self.jobs |= {str(job.job_id) for job in list(self.cluster.workers.values()) if getattr(job, "job_id", None)}
         if not self.jobs:

@@ -85,3 +85,38 @@ def test_a_loopback_prefect_api_is_refused_when_the_partition_s_nodes_are_other_
     (tmp_path / "b").mkdir()
     fake_sinfo(tmp_path / "b", monkeypatch, f"{socket.gethostname()}\\n")  # one node, this one: loopback reaches it
     assert unreachable_api_message("slurm", "debug", "http://127.0.0.1:4200/api") is None
+
+
+def test_the_first_workers_are_probed_once_and_a_failed_probe_stops_the_run(tmp_path, monkeypatch):
+    """A batch-queue job's workers get the checks an existing cluster's get, once they arrive."""
+    fake_squeue(tmp_path, monkeypatch, "41|RUNNING|None\\n")
+    calls: list[int] = []
+
+    def probe() -> None:
+        calls.append(1)
+        raise ClusterError("worker tls://node1:4000: cannot import mace_ood; install mace-ood in the workers' environment")
+
+    waiting = cluster()
+    watch = JobWatch(waiting, "slurm", str(tmp_path), timeout_s=3600, poll_s=0, probe=probe)
+    watch.check()  # no worker yet: no probe
+    assert calls == []
+    waiting.scheduler_info["workers"] = {"tls://node1:4000": {}}
+    with pytest.raises(ClusterError, match="cannot import mace_ood"):
+        watch.check()
+    watch.check()  # checked once: later waits do not probe again
+    assert calls == [1]
+
+
+def test_probe_workers_names_a_worker_on_another_prefect_api(tmp_path, monkeypatch):
+    """The real probe on a real (in-process) cluster: a worker whose PREFECT_API_URL is not the flow's is named."""
+    from distributed import Client, LocalCluster
+
+    from mace_ood.cluster import probe_workers
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as local, \
+            Client(local) as client:
+        probe_workers(client, tmp_path / "out", "http://127.0.0.1:4200/api")  # passes
+        assert not list((tmp_path / "out").iterdir())  # the probe's file is removed
+        with pytest.raises(ClusterError, match=r"PREFECT_API_URL is 'http://127.0.0.1:4200/api', the flow uses"):
+            probe_workers(client, tmp_path / "out", "http://127.0.0.1:9999/api")

@@ -210,3 +210,55 @@ def test_a_job_that_fails_before_its_worker_starts_ends_the_run_in_one_line(slur
     assert took < 120, f"the failed job was reported {took:.0f} s after the start"  # docs/tutorials/slurm.md
     queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert not set(queued) & job_ids(work / "slurm-logs"), "the run left jobs in the queue"
+
+
+def _running_jobs(job_name_ids: set[str]) -> set[str]:
+    done = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return set(done.stdout.split()) & job_name_ids if job_name_ids else set(done.stdout.split())
+
+
+@pytest.mark.slow
+def test_the_adaptive_scale_submits_jobs_for_waiting_tasks_and_releases_them_when_idle(slurm, project, tmp_path):
+    """``min_jobs: 0``, ``max_jobs: 2``: the run's cluster submits jobs while tasks wait and cancels them
+    once it is idle, before the run ends (a walltime-long job held idle costs the user's allocation)."""
+    import gc
+    import sys
+
+    work = tmp_path / "p"
+    shutil.copytree(project.parent, work)
+    (work / "slurm.yaml").write_text(yaml.safe_dump(slurm_config(work)))
+    config = load_config(work / "slurm.yaml")
+    logs, lines = work / "slurm-logs", []
+    before = _running_jobs(set())
+    unraisable, hook = [], sys.unraisablehook
+    sys.unraisablehook = unraisable.append  # what the interpreter prints as "Exception ignored in ..."
+    try:
+        _submit_wait_and_watch_the_release(config, logs, lines, before)
+        gc.collect()  # what the run left for the collector is collected now, not at the interpreter's exit
+    finally:
+        sys.unraisablehook = hook
+    # the run's TLS files are deleted with their directory, not after it (a traceback each)
+    assert not [u.exc_value for u in unraisable if isinstance(u.exc_value, OSError)], unraisable
+    assert not list((work / "slurm-run").glob(".dask-credentials-*"))
+
+
+def _submit_wait_and_watch_the_release(config, logs, lines, before) -> None:
+    import time
+
+    from distributed import Client
+
+    from mace_ood.flows.ood import batch_queue_cluster
+    from mace_ood.flows.server import run_api
+
+    with run_api() as api_url, batch_queue_cluster(config, api_url, lines.append) as cluster, \
+            Client(cluster, security=cluster.security) as client:
+        futures = client.map(lambda x: (time.sleep(3), x)[1], range(4), pure=False)
+        assert client.gather(futures, errors="raise") == list(range(4))
+        del futures  # results held on a worker keep it: it cannot be retired with its keys
+        submitted = job_ids(logs)
+        assert 1 <= len(submitted) <= 2, submitted
+        deadline = time.monotonic() + 120
+        while (left := _running_jobs(set()) - before) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not left, f"jobs {sorted(left)} still held 120 s after the work ended"
+        assert not cluster.workers  # the cluster is still open: the scale released them

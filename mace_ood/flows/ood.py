@@ -24,6 +24,7 @@ from mace_ood.cluster import (
     job_log_directory,
     jobqueue_cluster,
     plain_address_warning,
+    probe_workers,
     worker_environment,
 )
 from mace_ood.config import DaskConfig, RunConfig
@@ -58,10 +59,10 @@ def prefect_api_url() -> tuple[str | None, bool]:
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
-    if not url:
-        context = FlowRunContext.get()
-        url = context.client.api_url if context else None
-    url = str(url).rstrip("/") if url else None
+    if url:
+        return str(url), is_temporary(str(url))
+    context = FlowRunContext.get()
+    url = str(context.client.api_url).rstrip("/") if context else None
     return url, is_temporary(url)
 
 
@@ -137,8 +138,14 @@ def batch_queue_cluster(config: RunConfig, api_url: str | None, report) -> Itera
         raise ClusterError(refusal)
     with jobqueue_cluster(config.dask, api_url, config.output_dir) as cluster:
         cluster.adapt(minimum_jobs=queue.min_jobs, maximum_jobs=queue.max_jobs)
+        def probe() -> None:  # the checks an existing cluster gets, once the first job's worker is up
+            from distributed import Client
+
+            with Client(cluster.scheduler_address, security=cluster.security, timeout=60) as client:
+                probe_workers(client, config.output_dir, api_url)
+
         watch = JobWatch(cluster, config.dask.cluster, job_log_directory(config.dask, config.output_dir),
-                         queue.worker_start_timeout, report)
+                         queue.worker_start_timeout, report, probe=probe)
         token = _job_watch.set(watch)
         try:
             yield cluster
