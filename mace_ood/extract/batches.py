@@ -3,7 +3,7 @@ background thread so that reading and neighbour lists overlap the forward passes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class _Failed:
@@ -50,13 +50,11 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
         thread.join(timeout=5)
 
 
-def collated(groups: Iterator[list[dict]]) -> Iterator[tuple[list[dict], object]]:
-    """Each batch with its graphs collated into one mace Batch (None when all are copies)."""
-    from mace.tools.torch_geometric.batch import Batch
-
+def collated(groups: Iterator[list[dict]], collate: Callable[[list], object]) -> Iterator[tuple[list[dict], object]]:
+    """Each batch with its graphs collated into one batch by ``collate`` (None when all are copies)."""
     for batch in groups:
         graphs = [item["graph"] for item in batch if "graph" in item]
-        yield batch, Batch.from_data_list(graphs) if graphs else None
+        yield batch, collate(graphs) if graphs else None
 
 
 def batches(items: Iterator[dict], batch_size: int, max_atoms: int) -> Iterator[list[dict]]:

@@ -1,7 +1,8 @@
 """The forward runner: one MACE model, batches of graphs in, per-atom latents out.
 
 The latents are the 0e columns of the model's own ``node_feats`` output (no change to
-mace), computed on graphs built by mace's data pipeline in the model's dtype. Out of
+mace), computed on graphs built in the model's dtype (:mod:`mace_ood.extract.graphs`, or mace's
+data pipeline for the model classes that read more than a graph). Out of
 memory, a batch is halved down to one structure, and one structure is split into
 spatial domains.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from mace_ood.extract.graphs import GraphBuilder, collate, reads_only_the_graph
 from mace_ood.extract.models import (
     DTYPES,
     cached_model,
@@ -114,9 +116,16 @@ class LatentExtractor:
         self.n_llpr_jacobian = 0
         if llpr_forces and compute_forces and self.llpr_unsupported is None:
             self.n_llpr_jacobian = 3 * (self.n_layer_energies + hidden_width(self.model))
+        self._graph_builder = None
+        if reads_only_the_graph(self.model):
+            head = self.heads.index(self.head) if self.head in self.heads else len(self.heads) - 1  # as AtomicData
+            self._graph_builder = GraphBuilder(self.atomic_numbers, self.r_max, self.dtype, head)
 
     def graph(self, atoms: Atoms):
-        """mace's AtomicData for one structure, in the model's dtype."""
+        """One structure's graph in the model's dtype: a :class:`~mace_ood.extract.graphs.Graph` (vesin's
+        neighbour list) for the model classes whose forward reads only that, else mace's AtomicData."""
+        if self._graph_builder is not None:
+            return self._graph_builder(atoms)
         from mace.tools.torch_tools import default_dtype
 
         with default_dtype(self.dtype):
@@ -125,9 +134,10 @@ class LatentExtractor:
                 config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads
             )
 
-    @staticmethod
-    def collate(graphs: list):
-        """mace's batch of several graphs (on the CPU; done ahead of time by the loader thread)."""
+    def collate(self, graphs: list):
+        """Several graphs as one batch on the CPU (done ahead of time by the loader thread)."""
+        if self._graph_builder is not None:
+            return collate(graphs, len(self.atomic_numbers))
         from mace.tools.torch_geometric.batch import Batch
 
         return Batch.from_data_list(graphs)
