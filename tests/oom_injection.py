@@ -12,8 +12,8 @@ from mace_ood.extract.oom import OutOfMemoryError
 
 
 def budgeted_collated(budget: int):
-    def collated(groups):
-        for batch, collated_batch in batches.collated(groups):
+    def collated(groups, collate):
+        for batch, collated_batch in batches.collated(groups, collate):
             n_atoms = int(collated_batch.num_nodes) if collated_batch is not None else 0
             if n_atoms > budget:
                 raise OutOfMemoryError(f"out of memory collating {n_atoms} atoms (injected budget {budget})")

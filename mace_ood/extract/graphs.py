@@ -104,7 +104,7 @@ class GraphBuilder:
 class GraphBatch(dict):
     """Several graphs as the model's input dict (``positions``, ``node_attrs``, ``edge_index``,
     ``shifts``, ``unit_shifts``, ``cell``, ``batch``, ``ptr``, ``head``), with the ``ptr``,
-    ``num_graphs`` and ``to(device)`` of mace's Batch."""
+    ``num_graphs``, ``num_nodes`` and ``to(device)`` of mace's Batch."""
 
     @property
     def ptr(self) -> torch.Tensor:
@@ -113,6 +113,10 @@ class GraphBatch(dict):
     @property
     def num_graphs(self) -> int:
         return int(self["ptr"].numel() - 1)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self["ptr"][-1])
 
     def to(self, device: str | torch.device) -> GraphBatch:
         if str(device) == "cpu":
