@@ -290,13 +290,13 @@ class LatentExtractor:
 
 def close_atoms(graph) -> str | None:
     """Why a graph's atoms are too close (< MIN_DISTANCE_A), from its own edges; else None."""
-    edges = graph["edge_index"]
+    edges = np.asarray(graph["edge_index"])  # numpy: for a small cell, torch's per-call cost dominated
     if edges.shape[1] == 0:
         return None
-    positions = graph["positions"]
-    vectors = positions[edges[1]] - positions[edges[0]] + graph["shifts"]
-    lengths = torch.linalg.vector_norm(vectors, dim=1)
-    k = int(torch.argmin(lengths))
+    positions = np.asarray(graph["positions"])
+    vectors = positions[edges[1]] - positions[edges[0]] + np.asarray(graph["shifts"])
+    lengths = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+    k = int(np.argmin(lengths))
     if float(lengths[k]) >= MIN_DISTANCE_A:
         return None
     i, j = int(edges[0, k]), int(edges[1, k])

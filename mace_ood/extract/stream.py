@@ -159,7 +159,9 @@ class StructureFeed:
                 self.skip(ref, reason, index + 1)
                 continue
             content = structure_hash(atoms)
-            item = {"ref": ref, "atoms": atoms, "hash": content, "output": None, "consumed": index + 1}
+            # the table's text is made here, in the loader thread, not on the model's thread
+            item = {"ref": ref, "atoms": atoms, "hash": content, "output": None, "consumed": index + 1,
+                    "formula": atoms.get_chemical_formula(), "info_json": json.dumps(info_fields(atoms.info))}
             if self.previous is not None and self.previous.has(content):
                 item["copy"] = True  # read in the main thread: HDF5 is not thread-safe
             else:
@@ -385,14 +387,14 @@ def _stream(
                 item["output"] = feed.previous.get(item["hash"])
                 summary.copied_structures += 1
             output = item["output"]
-            ref, atoms = item["ref"], item["atoms"]
+            ref = item["ref"]
             reason = non_finite_output(output)
             if reason is not None:
                 feed.skip(ref, reason, item["consumed"])
                 continue
             writer.append(
                 ref.structure_id, ref.source_file, ref.frame_index, output["latent"],
-                formula=atoms.get_chemical_formula(), info_json=json.dumps(info_fields(atoms.info)),
+                formula=item["formula"], info_json=item["info_json"],
                 structure_hash=item["hash"], forces=output.get("forces"),
                 node_energy=output.get("node_energy"), energy=output.get("energy"), tag=item["consumed"],
                 layer_energy=output.get("layer_energy"), llpr_force_jacobian=output.get("llpr_force_jacobian"),
