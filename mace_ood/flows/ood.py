@@ -138,6 +138,7 @@ def batch_queue_cluster(config: RunConfig, api_url: str | None, report) -> Itera
         raise ClusterError(refusal)
     with jobqueue_cluster(config.dask, api_url, config.output_dir) as cluster:
         cluster.adapt(minimum_jobs=queue.min_jobs, maximum_jobs=queue.max_jobs)
+
         def probe() -> None:  # the checks an existing cluster gets, once the first job's worker is up
             from distributed import Client
 

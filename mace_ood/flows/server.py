@@ -120,8 +120,9 @@ def unauthenticated_api_message(api_url: str | None) -> str | None:
 @contextmanager
 def run_api() -> Iterator[str]:
     """The configured API, or a temporary server with a secret of the run for the duration of the
-    block (its URL and secret are then this process's ``PREFECT_API_URL`` and
-    ``PREFECT_API_AUTH_STRING``, which the Dask workers are given too)."""
+    block: its URL is then this process's ``PREFECT_API_URL`` setting (the Dask workers are given
+    it), and the secret its ``PREFECT_API_AUTH_STRING`` setting and environment variable (which
+    the workers inherit)."""
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
