@@ -8,8 +8,9 @@ timeout, one retry with twice the time, and then a one-line error saying what to
 
 The temporary server listens on 127.0.0.1, which every account of a shared login node reaches too:
 it is started with a random secret of the run (``PREFECT_SERVER_API_AUTH_STRING``), which only the
-run's own clients carry (``PREFECT_API_AUTH_STRING``, in this process's settings and environment
-while the run lasts, so that its Dask workers inherit it; never written to a file).
+run's own clients carry (``PREFECT_API_AUTH_STRING``, in this process's settings, which Prefect
+hands to every task it runs on a Dask worker, and in its environment, which SLURM jobs inherit,
+while the run lasts; never written to a file).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def unauthenticated_api_message(api_url: str | None) -> str | None:
 def run_api() -> Iterator[str]:
     """The configured API, or a temporary server with a secret of the run for the duration of the
     block: its URL is then this process's ``PREFECT_API_URL`` setting (the Dask workers are given
-    it), and the secret its ``PREFECT_API_AUTH_STRING`` setting and environment variable (which
-    the workers inherit)."""
+    it), and the secret its ``PREFECT_API_AUTH_STRING`` setting (which the tasks on the workers get
+    with the flow's settings) and environment variable (which batch-queue jobs inherit)."""
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
