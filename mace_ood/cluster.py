@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mace_ood.config import DaskConfig, TLSFiles
-from mace_ood.runtime import ENVIRONMENT_DEFAULTS
+from mace_ood.runtime import ENVIRONMENT_DEFAULTS, environment
 
 
 class ClusterError(RuntimeError):
@@ -229,19 +229,9 @@ def _start_forkserver(worker_env: dict[str, str]) -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload([*WORKER_PRELOAD, *PREFECT_PRELOAD, *SIGNAL_PRELOAD])
     # the server inherits this process's environment as it is now: OpenMP and BLAS read their
     # thread settings once, when the server imports torch, and Prefect its settings
-    stale = [k for k in os.environ if k.startswith("PREFECT_") and k not in worker_env]
-    saved = {k: os.environ.get(k) for k in [*worker_env, *stale]}
-    os.environ.update(worker_env)
-    for key in stale:
-        del os.environ[key]
-    try:
+    stale = tuple(k for k in os.environ if k.startswith("PREFECT_") and k not in worker_env)
+    with environment(worker_env, remove=stale):
         forkserver.ensure_running()  # a no-op while it runs; restarted if it died
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _stop_forkserver() -> None:

@@ -63,6 +63,24 @@ def apply_environment_defaults(environ=None):
     return environ
 
 
+@contextmanager
+def environment(values: dict[str, str], remove: tuple[str, ...] = ()):
+    """``values`` set and ``remove`` unset in ``os.environ`` within the block; what was there before
+    is put back after (a child process started inside inherits the block's environment)."""
+    saved = {key: os.environ.get(key) for key in [*values, *remove]}
+    os.environ.update(values)
+    for key in remove:
+        os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def configure_process() -> None:
     """Environment defaults (unless set) and a small HDF5 chunk cache for this process."""
     apply_environment_defaults()

@@ -202,3 +202,7 @@ def test_a_local_run_s_temporary_prefect_server_takes_only_the_run_s_secret():
     assert os.environ.get("PREFECT_API_AUTH_STRING") == env_before
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=5)
+    # the process's next run: its URL and secret (the forkserver's Prefect keeps them), still refusing others
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_API_AUTH_STRING}), run_api() as again:
+        assert again == url and os.environ["PREFECT_API_AUTH_STRING"] == secret
+        assert status(again) == 401 and status(again, secret) == 200

@@ -7,10 +7,12 @@ that server itself, before the flow: with ``DEFAULT_STARTUP_TIMEOUT_S`` unless t
 timeout, one retry with twice the time, and then a one-line error saying what to do.
 
 The temporary server listens on 127.0.0.1, which every account of a shared login node reaches too:
-it is started with a random secret of the run (``PREFECT_SERVER_API_AUTH_STRING``), which only the
+it is started with a random secret (``PREFECT_SERVER_API_AUTH_STRING``), which only the
 run's own clients carry (``PREFECT_API_AUTH_STRING``, in this process's settings, which Prefect
 hands to every task it runs on a Dask worker, and in its environment, which SLURM jobs inherit,
-while the run lasts; never written to a file).
+while the run lasts; never written to a file). A process's later runs (a notebook's, a test
+process's) reuse its port and secret: the local workers' forkserver imported Prefect with both and
+is started again for other settings, which cost each later run its preloads (about 15 s here).
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mace_ood.runtime import environment
+
 DEFAULT_STARTUP_TIMEOUT_S = 90.0
 PREFECT_DEFAULT_TIMEOUT_S = 20.0  # Prefect 3.9's own default
 TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 log = logging.getLogger(__name__)
 _temporary_api_urls: set[str] = set()  # the temporary servers of this process's runs now
+_last_port: int | None = None  # the port of this process's last temporary server
+_PROCESS_SECRET = secrets.token_urlsafe(32)  # of this process's temporary servers, in memory only
 
 
 class ServerStartError(RuntimeError):
@@ -63,9 +69,10 @@ def start_temporary_server(timeout_s: float | None = None):
     (its auth string among them); returns the server (``api_url``, ``stop()``)."""
     from prefect.server.api.server import SubprocessASGIServer
 
+    global _last_port
     timeout_s = timeout_s or startup_timeout()
     for attempt in (1, 2):
-        server = SubprocessASGIServer(server_port())
+        server = SubprocessASGIServer(server_port(_last_port))
         try:
             server.start(timeout=timeout_s * attempt)
         except RuntimeError:
@@ -79,6 +86,7 @@ def start_temporary_server(timeout_s: float | None = None):
             log.warning("Prefect's temporary server did not start within %g s; retrying with %g s",
                         timeout_s, 2 * timeout_s)
         else:
+            _last_port = server.port
             return server
     raise AssertionError("unreachable")
 
@@ -91,13 +99,20 @@ def is_temporary(api_url: str | None) -> bool:
     return bool(api_url) and (api_url in _temporary_api_urls or not get_current_settings().api.url)
 
 
-def server_port() -> int:
-    """A free port on 127.0.0.1 for a temporary server: given explicitly, the server is this run's
-    own instance (Prefect shares one instance between callers that give no port)."""
+def server_port(preferred: int | None = None) -> int:
+    """A free port on 127.0.0.1 for a temporary server, ``preferred`` where it is free: given
+    explicitly, the server is this run's own instance (Prefect shares one instance between callers
+    that give no port)."""
     import socket
 
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        # as the server binds (asyncio's default): the last run's closed connections in TIME_WAIT
+        # do not hold the port, a listening server does
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", preferred or 0))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
@@ -120,7 +135,7 @@ def unauthenticated_api_message(api_url: str | None) -> str | None:
 
 @contextmanager
 def run_api() -> Iterator[str]:
-    """The configured API, or a temporary server with a secret of the run for the duration of the
+    """The configured API, or a temporary server with a secret for the duration of the
     block: its URL is then this process's ``PREFECT_API_URL`` setting (the Dask workers are given
     it), and the secret its ``PREFECT_API_AUTH_STRING`` setting (which the tasks on the workers get
     with the flow's settings) and environment variable (which batch-queue jobs inherit)."""
@@ -136,33 +151,18 @@ def run_api() -> Iterator[str]:
     if configured:
         yield str(configured)
         return
-    secret = secrets.token_urlsafe(32)
+    secret = _PROCESS_SECRET
     with temporary_settings(updates={PREFECT_SERVER_API_AUTH_STRING: secret, PREFECT_API_AUTH_STRING: secret}):
         server = start_temporary_server()
         _temporary_api_urls.add(server.api_url)
         try:
             with temporary_settings(updates={PREFECT_API_URL: server.api_url}), \
-                    _environment(PREFECT_API_AUTH_STRING=secret):
+                    environment({"PREFECT_API_AUTH_STRING": secret}):
                 yield server.api_url
         finally:
             _send_queued_logs()
             _temporary_api_urls.discard(server.api_url)
             server.stop()
-
-
-@contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """``values`` in ``os.environ`` within the block, what was there before put back after."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _send_queued_logs(timeout_s: float = 5.0) -> None:
