@@ -42,6 +42,7 @@ from mace_ood.extract.stream import extract_to_netcdf  # noqa: E402
 from mace_ood.testing import build_tiny_mace  # noqa: E402
 
 SIZES = {32: (2, 2, 2), 256: (4, 4, 4), 2048: (8, 8, 8)}
+BUDGET = ExtractionSettings().max_atoms_per_batch
 
 
 def structures(n_atoms: int, count: int, seed: int = 0):
@@ -90,8 +91,9 @@ def bare_loop(model_path, frames, device, dtype, batch_size, forces: bool) -> fl
 
 
 def mace_ood(model_path, data, device, dtype, batch_size, workdir, forces: bool) -> tuple[float, dict]:
-    settings = ExtractionSettings(device=device, default_dtype=dtype, batch_size=batch_size,
-                                  max_atoms_per_batch=1 << 20, forces=forces)
+    """``batch_size`` None: the run's default, batches by the atom budget alone."""
+    budget = {} if batch_size is None else {"max_atoms_per_batch": 1 << 20}
+    settings = ExtractionSettings(device=device, default_dtype=dtype, batch_size=batch_size, forces=forces, **budget)
     extract_to_netcdf(model_path, [str(data)], workdir / "warm.nc", settings)  # model load, warm-up
     (workdir / "warm.nc").unlink()
     out = workdir / "bench.nc"
@@ -138,7 +140,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--atoms-per-size", type=int, default=16000)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="structures per pass for all (default: mace-ood's default, the atom budget of "
+                        "max_atoms_per_batch alone, and the bare loops batched the same way)")
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--max-l", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -152,7 +156,7 @@ def main() -> None:
     torch.save(build_tiny_mace(0, atomic_numbers=(29,), channels=args.channels, max_l=args.max_l, dtype=dtype), model_path)
     print(f"# extraction benchmark: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}, {args.dtype}, C={args.channels} "
-          f"L={args.max_l}, batch {args.batch_size}, median of {args.repeats} repeats (range)\n")
+          f"L={args.max_l}, batch {args.batch_size or f'by atom budget ({BUDGET} atoms)'}, median of {args.repeats} repeats (range)\n")
     print("| atoms/structure | structures | latents only: bare loop (atoms/s) | mace-ood / bare | "
           "get_descriptors / bare | forces on: bare loop (atoms/s) | mace-ood / bare | mace_eval_configs / bare |")
     print("|---|---|---|---|---|---|---|---|")
@@ -164,11 +168,13 @@ def main() -> None:
         ase.io.write(data, frames)
         ase.io.write(one, frames[:1])
         total = n_atoms * count
+        bare_batch = args.batch_size or max(1, BUDGET // n_atoms)  # the batches mace-ood's default makes
+        cli_batch = args.batch_size or bare_batch
         rows: dict[str, list[float]] = {k: [] for k in ("bare", "ours", "desc", "bare_f", "ours_f", "cli")}
         extra: dict = {}
         for _ in range(args.repeats):
-            bare = bare_loop(model_path, frames, args.device, args.dtype, args.batch_size, forces=False)
-            bare_f = bare_loop(model_path, frames, args.device, args.dtype, args.batch_size, forces=True)
+            bare = bare_loop(model_path, frames, args.device, args.dtype, bare_batch, forces=False)
+            bare_f = bare_loop(model_path, frames, args.device, args.dtype, bare_batch, forces=True)
             rows["bare"].append(total / bare)
             rows["bare_f"].append(total / bare_f)
             ours, extra = mace_ood(model_path, data, args.device, args.dtype, args.batch_size, workdir, forces=False)
@@ -177,7 +183,7 @@ def main() -> None:
             rows["ours_f"].append(bare_f / ours_f)
             rows["desc"].append(bare / get_descriptors(model_path, frames, args.device, args.dtype))
             if not args.skip_cli:
-                cli = eval_configs(model_path, data, one, args.device, args.dtype, args.batch_size, workdir)
+                cli = eval_configs(model_path, data, one, args.device, args.dtype, cli_batch, workdir)
                 rows["cli"].append(bare_f / max(1e-9, cli))
         gpu = f" (peak GPU {extra['peak_gpu_mib']:.0f} MiB)" if extra else ""
         print(f"| {n_atoms} | {count} | {np.median(rows['bare']):,.0f} | {ratio(rows['ours'])}{gpu} | "

@@ -287,7 +287,10 @@ class ExtractionSettings(_Strict):
     default_dtype: DefaultDtype = Field(
         "float64", description="dtype the models are run in (always explicit)."
     )
-    batch_size: int = Field(16, ge=1, description="Maximum structures per forward pass.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Maximum structures per forward pass; unset (the default): as many as "
+        "`max_atoms_per_batch` holds, so many small structures share one pass.",
+    )
     max_atoms_per_batch: int = Field(
         4096, ge=1, description="Atom budget of one forward pass; a larger structure runs alone."
     )

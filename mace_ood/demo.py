@@ -186,7 +186,7 @@ def write_config(workdir: Path, models: dict[str, list[Path]]) -> Path:
 output_dir: run
 device: auto
 default_dtype: float64
-batch_size: 16
+max_atoms_per_batch: 4096 # atoms per forward pass: small structures share one
 forces: true              # store each seed's forces too: force-deviation scores and `mace-ood evaluate`
 datasets:
   T1: ["data/T1/*.extxyz"]

@@ -30,6 +30,9 @@ def test_is_out_of_memory():
 @pytest.mark.parametrize(("attempt", "expected"), [(1, 16), (2, 8), (3, 4), (5, 1), (9, 1)])
 def test_batch_size_halves_per_attempt(attempt, expected):
     assert extract_module.batch_size_for_attempt(16, attempt) == expected
+    assert extract_module.batch_size_for_attempt(None, attempt) is None  # no count cap: the budget halves
+    budget = extract_module.settings_for_attempt(ExtractionSettings(), attempt).max_atoms_per_batch
+    assert budget == max(1, 4096 >> (attempt - 1))
 
 
 def test_task_retries_out_of_memory_with_halved_batches(prefect_server, monkeypatch):

@@ -1,4 +1,4 @@
-"""Batching ahead of the model: structures grouped by count and atom budget, collated in a
+"""Batching ahead of the model: structures grouped by atom budget (and a count, where set), collated in a
 background thread so that reading and neighbour lists overlap the forward passes."""
 
 from __future__ import annotations
@@ -57,12 +57,15 @@ def collated(groups: Iterator[list[dict]], collate: Callable[[list], object]) ->
         yield batch, collate(graphs) if graphs else None
 
 
-def batches(items: Iterator[dict], batch_size: int, max_atoms: int) -> Iterator[list[dict]]:
+def batches(items: Iterator[dict], batch_size: int | None, max_atoms: int) -> Iterator[list[dict]]:
+    """Consecutive items grouped up to ``max_atoms`` atoms and, where given, ``batch_size`` items; a
+    structure larger than the budget is a batch of its own."""
     batch: list = []
     atoms_in_batch = 0
     for item in items:
         n_atoms = len(item["atoms"])
-        if batch and (len(batch) >= batch_size or atoms_in_batch + n_atoms > max_atoms):
+        full = batch_size is not None and len(batch) >= batch_size
+        if batch and (full or atoms_in_batch + n_atoms > max_atoms):
             yield batch
             batch, atoms_in_batch = [], 0
         batch.append(item)

@@ -261,7 +261,8 @@ def extract_to_netcdf(
     Parameters
     ----------
     batch_size
-        Overrides ``settings.batch_size`` (Prefect retries halve it).
+        Overrides ``settings.batch_size`` (Prefect retries halve it); neither set: batches are
+        bounded by ``settings.max_atoms_per_batch`` alone.
     progress
         Called as ``progress(n_structures_done, n_atoms_done)`` after each batch.
     head
@@ -300,9 +301,7 @@ def extract_to_netcdf(
         compute_forces=settings.forces, expected_sha256=model_sha, head=head, llpr_forces=llpr_forces,
     )
     batch_size = batch_size or settings.batch_size
-    summary = ExtractionSummary(
-        path=str(out_path), model_path=str(model_path), model_sha256=model_sha, smallest_batch=batch_size
-    )
+    summary = ExtractionSummary(path=str(out_path), model_path=str(model_path), model_sha256=model_sha)
 
     def on_durable(n_structures: int, n_atoms: int, consumed: int) -> None:
         record.save(n_structures, n_atoms, consumed, summary.skipped)
@@ -360,12 +359,17 @@ def non_finite_output(output: dict) -> str | None:
 
 def _stream(
     feed: StructureFeed, extractor: LatentExtractor, writer: LatentWriter, summary: ExtractionSummary,
-    batch_size: int, max_atoms: int, progress: Callable[[int, int], None] | None, checkpoint_seconds: float,
+    batch_size: int | None, max_atoms: int, progress: Callable[[int, int], None] | None, checkpoint_seconds: float,
 ) -> None:
-    """Compute (or copy) every structure of ``feed`` batch by batch and append it to ``writer``."""
+    """Compute (or copy) every structure of ``feed`` batch by batch and append it to ``writer``;
+    ``summary.smallest_batch`` is the largest batch computed, or, after an out-of-memory, the
+    smallest the back-off split one to."""
+    backed_off = False
 
     def on_backoff(size: int) -> None:
-        summary.smallest_batch = min(summary.smallest_batch, max(size, 1))
+        nonlocal backed_off
+        summary.smallest_batch = max(size, 1) if not backed_off else min(summary.smallest_batch, max(size, 1))
+        backed_off = True
         if size:
             log.warning("out of memory: batch split to %d structures", size)
         else:
@@ -378,6 +382,8 @@ def _stream(
         todo = [item for item in batch if "graph" in item]
         graphs = [item["graph"] for item in todo]
         structures = [item["atoms"] for item in todo]
+        if not backed_off:
+            summary.smallest_batch = max(summary.smallest_batch, len(graphs))
         computed = extractor.outputs(graphs, on_backoff, structures, collated_batch) if graphs else []
         for item, output in zip(todo, computed, strict=True):
             item["output"] = output

@@ -28,9 +28,9 @@ def retry_on_out_of_memory(task, task_run, state) -> bool:
     return isinstance(exc, BaseException) and is_out_of_memory(exc)
 
 
-def batch_size_for_attempt(batch_size: int, attempt: int) -> int:
-    """Halve the batch on every retry, down to 1."""
-    return max(1, batch_size >> max(0, attempt - 1))
+def batch_size_for_attempt(batch_size: int | None, attempt: int) -> int | None:
+    """Halve the batch on every retry, down to 1 (None: no count cap, the atom budget is halved)."""
+    return None if batch_size is None else max(1, batch_size >> max(0, attempt - 1))
 
 
 def settings_for_attempt(settings: ExtractionSettings, attempt: int) -> ExtractionSettings:
@@ -61,8 +61,8 @@ def extract_latents(job: ExtractionJob, settings: ExtractionSettings) -> Extract
     if attempt > 1:
         free_device_memory()
         cached_model.cache_clear()  # a fresh copy of the model on a device released of the last attempt
-        logger.warning("retry %d after out-of-memory: batch size %d, at most %d atoms per batch",
-                       attempt - 1, batch_size, settings.max_atoms_per_batch)
+        logger.warning("retry %d after out-of-memory: batch size %s, at most %d atoms per batch",
+                       attempt - 1, batch_size or "unset", settings.max_atoms_per_batch)
     last_log = [time.monotonic()]
     artifact = create_progress_artifact(
         0.0, key=artifact_key("extract", job.family, f"seed{job.seed}", job.dataset),
