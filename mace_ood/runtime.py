@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 
 # The one table of the environment mace-ood sets where the user has not: every entry point applies
@@ -173,7 +174,7 @@ def _resource_tracker_pid() -> int | None:
 
 
 @contextmanager
-def stop_on_signals(what: str):
+def stop_on_signals(what: str, record_stop: Callable[[int], None] | None = None):
     """Ctrl-C (SIGINT) or SIGTERM (``kill``, SLURM's walltime, Prefect cancelling a deployment run)
     stops ``what`` at once: one line on stderr, every child process stopped and reaped, exit status
     128 + the signal. Prefect's and Dask's own shutdown talks to servers the signal may have just
@@ -181,6 +182,8 @@ def stop_on_signals(what: str):
     (``.partial`` latent files with a progress record): running again resumes. Entered only by a
     session that owns the process (:mod:`mace_ood.flows.session`), on the main thread (elsewhere it
     does nothing); the flow runs on a worker thread, where Prefect arms no SIGTERM handler of its own.
+    ``record_stop(signum)`` runs next: the session records the run's end where it outlives the
+    process (a configured Prefect server), as Prefect's own signal handler would have.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -196,6 +199,8 @@ def stop_on_signals(what: str):
         sys.stderr.flush()
         logging.getLogger("distributed").setLevel(logging.CRITICAL)  # no "restarting worker" noise
         stop_child_processes()
+        if record_stop is not None:
+            record_stop(signum)
         os._exit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}

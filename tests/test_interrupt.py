@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 import pandas as pd
 import psutil
@@ -28,11 +29,22 @@ def interrupt_project(big_project, tmp_path_factory):
     return work, uninterrupted
 
 
-def cli_environment(work) -> dict[str, str]:
-    """What a user's shell has: no Prefect API (the run starts its own temporary server)."""
+def cli_environment(work, api_url: str | None = None) -> dict[str, str]:
+    """What a user's shell has: no Prefect API (the run starts its own temporary server), or
+    ``api_url``, a configured server that outlives the run."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(work / ".prefect"))
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     return env
+
+
+def flow_runs_since(started: datetime) -> list:
+    """The flow runs of this test process's Prefect server that started after ``started``."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [run for run in client.read_flow_runs(limit=20) if run.start_time and run.start_time >= started]
 
 
 def has_durable_progress(run_dir) -> bool:
@@ -59,24 +71,29 @@ def wait_for_durable_progress(run_dir, process, timeout_s: float = 240) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signum", "to_group"),
-    [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGTERM, False)],
-    ids=["ctrl-c-to-the-group", "sigterm-to-the-group", "kill-the-process"],
+    ("signum", "to_group", "configured_api"),
+    [(signal.SIGINT, True, False), (signal.SIGTERM, True, True), (signal.SIGTERM, False, False)],
+    ids=["ctrl-c-to-the-group", "sigterm-to-the-group-configured-server", "kill-the-process"],
 )
 def test_a_signal_stops_the_run_at_once_and_running_again_resumes(prefect_server, interrupt_project, tmp_path, signum,
-                                                                 to_group):
+                                                                 to_group, configured_api):
+    """With a configured Prefect server (SLURM's walltime SIGTERM to a job's processes, say), the run's
+    flow runs end ``Crashed`` there with the signal's name, not ``Running`` for good."""
+    from prefect.settings import get_current_settings
+
     from mace_ood.config import load_config
     from mace_ood.flows.ood import ood_detection
 
     work, uninterrupted = interrupt_project
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "mace_ood.cli", "run", str(work / "config.yaml"), "--output-dir", str(run_dir)]
-    env = cli_environment(work)
+    env = cli_environment(work, str(get_current_settings().api.url) if configured_api else None)
+    test_started = datetime.now(timezone.utc)
     process = subprocess.Popen(command, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)  # its own group, as a terminal's job
     wait_for_durable_progress(run_dir, process)
     family = psutil.Process(process.pid).children(recursive=True)
-    assert len(family) >= 3, "expected Dask workers and Prefect's temporary server"
+    assert len(family) >= (2 if configured_api else 3), "expected Dask workers (and Prefect's temporary server)"
     started = time.monotonic()
     if to_group:
         os.killpg(process.pid, signum)
@@ -100,6 +117,10 @@ def test_a_signal_stops_the_run_at_once_and_running_again_resumes(prefect_server
     left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     zombies = [p for p in family if p.is_running() and p.status() == psutil.STATUS_ZOMBIE]
     assert not left and not zombies, f"left behind: {left}, zombies: {zombies}"
+    if configured_api:
+        ended = {run.name: run.state for run in flow_runs_since(test_started)}
+        assert len(ended) == 2, ended  # the run's flow and its extract-and-score subflow
+        assert all(state.is_crashed() and "interrupted by SIGTERM" in state.message for state in ended.values()), ended
 
     # again, in this process (the same flow the CLI calls; a second cold process and temporary
     # server would cost ~12 CPU-seconds and test nothing more)

@@ -31,7 +31,7 @@ from mace_ood.config import DaskConfig, RunConfig
 from mace_ood.extract.devices import PINNED_ENV
 from mace_ood.extract.models import resolve_device
 from mace_ood.flows.server import is_temporary, refuse_unauthenticated_api
-from mace_ood.flows.session import call_in_session, raise_if_interrupted
+from mace_ood.flows.session import call_in_session, raise_if_interrupted, record_flow_run
 from mace_ood.jobwatch import JobWatch, unreachable_api_message
 from mace_ood.plan import RunPlan, mark_complete, plan_run, write_manifest
 from mace_ood.records import (
@@ -205,6 +205,7 @@ def extract_and_score(
     """On the Dask workers: every extraction (each runs even when another fails), then each
     family's reference fit, then every evaluation's scores, then every evaluation's calibration
     and selection, each phase in parallel."""
+    record_flow_run()
     output_dir, scores = str(config.output_dir), config.scores
     # the workers' task logs reach this console only from a local cluster (they share its stderr)
     report = get_run_logger().info if config.dask.address or config.dask.cluster != "local" else None

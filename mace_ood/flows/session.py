@@ -38,6 +38,8 @@ from mace_ood.config import RunConfig, config_from_dict, load_config
 T = TypeVar("T")
 # how long an interrupted library call waits for its flow to close the Dask cluster itself
 STOP_JOIN_S = 8.0
+# how long a signalled owner waits for a configured Prefect server to take its flow runs' end
+RECORD_STOP_S = 3.0
 _current: contextvars.ContextVar[RunSession | None] = contextvars.ContextVar("mace_ood_run_session", default=None)
 
 
@@ -66,6 +68,7 @@ class RunSession:
         self._token: contextvars.Token | None = None
         self._interrupted = threading.Event()
         self._processes_before: set[int] = set()
+        self._flow_runs: list[str] = []  # of this run, outermost first (record_flow_run)
 
     def __enter__(self) -> RunSession:
         from mace_ood.flows.server import run_api
@@ -79,7 +82,7 @@ class RunSession:
         self._stack = ExitStack()
         try:
             if self.owns_process:
-                self._stack.enter_context(stop_on_signals(self.what))
+                self._stack.enter_context(stop_on_signals(self.what, self._record_stop))
             if self.start_api:
                 self._stack.enter_context(run_api())
         except BaseException:
@@ -91,6 +94,26 @@ class RunSession:
     def __exit__(self, *exc_info) -> None:
         _current.reset(self._token)
         self._stack.close()
+
+    def _record_stop(self, signum: int) -> None:
+        """Mark this run's flow runs ``Crashed`` in a configured Prefect API, within
+        :data:`RECORD_STOP_S`: the owner leaves without Prefect's engine (``os._exit``), which left them
+        ``Running`` there for good (a served deployment's UI, a SLURM run's server). Not for the run's
+        temporary server (it ends with the run), nor for a run Prefect is cancelling (its runner records
+        ``Cancelled``)."""
+        from prefect.settings import get_current_settings
+
+        from mace_ood.flows.server import is_temporary
+
+        url = get_current_settings().api.url
+        if not self._flow_runs or not url or is_temporary(str(url)):
+            return
+        message = f"interrupted by {signal_name(signum)}: stopped by mace-ood; running it again resumes"
+        context = contextvars.copy_context()  # this thread's Prefect settings
+        recorder = threading.Thread(target=context.run, args=(mark_crashed, list(self._flow_runs), message),
+                                    daemon=True)
+        recorder.start()
+        recorder.join(RECORD_STOP_S)
 
     @property
     def interrupted(self) -> bool:
@@ -172,6 +195,33 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def mark_crashed(flow_run_ids: list[str], message: str) -> None:
+    """``Crashed(message)`` for each flow run not yet final and not being cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            state = client.read_flow_run(flow_run_id).state
+            if state is None or not (state.is_final() or state.is_cancelling()):
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+
+
+def record_flow_run() -> None:
+    """Note the flow run in progress with the run's session (the flows call it as they start)."""
+    from prefect.context import FlowRunContext
+
+    session, context = _current.get(), FlowRunContext.get()
+    if session is not None and context is not None and context.flow_run is not None:
+        session._flow_runs.append(str(context.flow_run.id))
+
+
 def current_session() -> RunSession | None:
     """The session this run was entered through, if any."""
     return _current.get()
@@ -183,8 +233,10 @@ def call_in_session(what: str, function: Callable[..., T], *args: Any, **kwargs:
     deployment's run: Prefect's runner starts a process of its own for each."""
     session = current_session()
     if session is not None:
+        record_flow_run()
         return function(*args, **kwargs)
     with RunSession(what, owns_process=is_deployment_run(), start_api=False) as session:
+        record_flow_run()
         return session.call(function, *args, **kwargs)
 
 
