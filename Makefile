@@ -46,6 +46,7 @@ test: setup
 # Every benchmark (about 40 min on 2 cores); each prints a markdown table.
 bench: setup
 	$(SCRIPT) benchmarks/extraction.py
+	$(SCRIPT) benchmarks/batching.py
 	$(SCRIPT) benchmarks/scoring.py
 	$(SCRIPT) benchmarks/selection.py
 	$(SCRIPT) benchmarks/all_scores.py --atoms 100000

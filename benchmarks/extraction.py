@@ -90,9 +90,11 @@ def bare_loop(model_path, frames, device, dtype, batch_size, forces: bool) -> fl
     return timed(run)
 
 
-def mace_ood(model_path, data, device, dtype, batch_size, workdir, forces: bool) -> tuple[float, dict]:
-    """``batch_size`` None: the run's default, batches by the atom budget alone."""
-    budget = {} if batch_size is None else {"max_atoms_per_batch": 1 << 20}
+def mace_ood(model_path, data, device, dtype, batch_size, workdir, forces: bool,
+             max_atoms: int | None = 1 << 20) -> tuple[float, dict]:
+    """``batch_size`` None: the run's default, batches by the atom budget alone; else that count,
+    within ``max_atoms`` (None: the default budget)."""
+    budget = {} if batch_size is None or max_atoms is None else {"max_atoms_per_batch": max_atoms}
     settings = ExtractionSettings(device=device, default_dtype=dtype, batch_size=batch_size, forces=forces, **budget)
     extract_to_netcdf(model_path, [str(data)], workdir / "warm.nc", settings)  # model load, warm-up
     (workdir / "warm.nc").unlink()
