@@ -2,11 +2,13 @@
 and again, on a loaded machine.
 
 Cases: Ctrl-C to the process group (a terminal), SIGTERM to the group (SLURM at the walltime),
-SIGTERM to the process (``kill``), and a Prefect cancellation of a served deployment's run. Each
-CLI pass starts ``mace-ood run`` as a user's shell does (no ``PREFECT_API_URL``: it starts its own
-temporary server), waits until some structures are durable, sends the signal and counts: stopped
-within 10 s, exit status 128 + signal, the one-line message and nothing else on stderr after it
-(no filter: every traceback counts), no process of the run left (nor a zombie). A cancellation pass
+SIGTERM to the process (``kill``), SIGTERM to the group of a run against a configured Prefect server,
+and a Prefect cancellation of a served deployment's run. Each CLI pass starts ``mace-ood run`` as a
+user's shell does (no ``PREFECT_API_URL``: it starts its own temporary server; or the configured
+one), waits until some structures are durable, sends the signal and counts: stopped within 10 s,
+exit status 128 + signal (configured server: and both of the run's flow runs ``Crashed`` there),
+the one-line message and nothing else on stderr after it (no filter: every traceback counts), no
+process of the run left (nor a zombie). A cancellation pass
 triggers the deployment that one ``mace-ood serve`` serves, waits the same way, sets the run
 Cancelling through the API and counts: the run's process and workers gone within 10 s, the run
 Cancelled. Every pass is then run again from this process (``mace_ood.run``) and its scores are
@@ -34,8 +36,10 @@ import yaml
 from mace_ood.runtime import apply_environment_defaults
 
 apply_environment_defaults()  # the harness's own server and client too
-CASES = {"ctrl-c to the group": (signal.SIGINT, True), "SIGTERM to the group": (signal.SIGTERM, True),
-         "SIGTERM to the process": (signal.SIGTERM, False), "Prefect cancellation": (None, False)}
+CASES = {"ctrl-c to the group": (signal.SIGINT, True, False), "SIGTERM to the group": (signal.SIGTERM, True, False),
+         "SIGTERM to the process": (signal.SIGTERM, False, False),
+         "SIGTERM to the group, configured server": (signal.SIGTERM, True, True),
+         "Prefect cancellation": (None, False, False)}
 STOP_WITHIN_S = 10.0
 
 
@@ -103,8 +107,13 @@ def cancel_pass(client, serve_pid: int, run_dir: Path) -> dict:
             "one_line": True, "tracebacks": 0, "left": len(living(running)), "stderr_after": ""}
 
 
-def one_pass(config: Path, run_dir: Path, signum: int, to_group: bool, env: dict) -> dict:
+def one_pass(config: Path, run_dir: Path, signum: int, to_group: bool, env: dict, client=None) -> dict:
+    """``client``: of the configured server in ``env``, whose flow runs of the pass must end Crashed."""
+    from datetime import datetime, timezone
+
     import psutil
+
+    began = datetime.now(timezone.utc)
 
     command = [sys.executable, "-m", "mace_ood.cli", "run", str(config), "--output-dir", str(run_dir)]
     process = subprocess.Popen(command, env=env, cwd=config.parent, stdout=subprocess.DEVNULL,
@@ -126,7 +135,9 @@ def one_pass(config: Path, run_dir: Path, signum: int, to_group: bool, env: dict
     after = lines[message[0] + 1:] if len(message) == 1 else lines
     time.sleep(0.5)
     left = living(family)
-    return {"interrupted": True, "took_s": took, "status_ok": process.returncode == 128 + signum,
+    runs = [] if client is None else [r for r in client.read_flow_runs(limit=20) if r.start_time and r.start_time >= began]
+    recorded = client is None or (len(runs) == 2 and all(run.state.is_crashed() for run in runs))
+    return {"interrupted": True, "took_s": took, "status_ok": process.returncode == 128 + signum and recorded,
             "one_line": len(message) == 1 and not any(line.strip() for line in after),
             "tracebacks": sum("Traceback" in line for line in after), "left": len(left),
             "stderr_after": "\n".join(after[-20:])}
@@ -170,7 +181,7 @@ def main() -> None:
                     break
                 except Exception:  # noqa: BLE001 - not registered yet
                     time.sleep(1)
-            for case, (signum, to_group) in CASES.items():
+            for case, (signum, to_group, configured) in CASES.items():
                 for repeat in range(args.repeats):
                     if signum is None:
                         run_dir = served_dir
@@ -178,7 +189,9 @@ def main() -> None:
                         outcome = cancel_pass(client, serve.pid, run_dir)
                     else:
                         run_dir = work / f"run-{signum}-{int(to_group)}-{repeat}"
-                        outcome = one_pass(config, run_dir, signum, to_group, env)
+                        outcome = one_pass(config, run_dir, signum, to_group,
+                                           {**env, "PREFECT_API_URL": PREFECT_API_URL.value()} if configured else env,
+                                           client if configured else None)
                     if outcome["interrupted"]:
                         resumed = scores_of(mace_ood.run(config, output_dir=str(run_dir)).path)
                         outcome["equal"] = resumed.equals(reference) or bool(
@@ -200,7 +213,7 @@ def main() -> None:
         for burner in burners:
             burner.terminate()
     print(f"\n{args.repeats} passes per case, {args.load} busy-loop processes beside them, {os.cpu_count()} cores\n")
-    print("| case | interrupted | stopped < 10 s | exit 128 + signal (cancellation: Cancelled) | only the one line | no process left | rerun = uninterrupted | slowest stop |")
+    print("| case | interrupted | stopped < 10 s | exit 128 + signal (configured: runs Crashed; cancellation: Cancelled) | only the one line | no process left | rerun = uninterrupted | slowest stop |")
     print("|---|---|---|---|---|---|---|---|")
     for case in CASES:
         done = [r for r in rows if r["case"] == case and r["interrupted"]]

@@ -26,10 +26,11 @@ same config again resumes.
 from __future__ import annotations
 
 import contextvars
+import signal
 import sys
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,10 +109,14 @@ class RunSession:
         url = get_current_settings().api.url
         if not self._flow_runs or not url or is_temporary(str(url)):
             return
-        message = f"interrupted by {signal_name(signum)}: stopped by mace-ood; running it again resumes"
+        message = f"interrupted by {signal.Signals(signum).name}: stopped by mace-ood; running it again resumes"
         context = contextvars.copy_context()  # this thread's Prefect settings
-        recorder = threading.Thread(target=context.run, args=(mark_crashed, list(self._flow_runs), message),
-                                    daemon=True)
+
+        def record() -> None:
+            with suppress(Exception):  # best effort, and never a traceback under the one-line message
+                context.run(mark_crashed, list(self._flow_runs), message)
+
+        recorder = threading.Thread(target=record, daemon=True)
         recorder.start()
         recorder.join(RECORD_STOP_S)
 
@@ -193,12 +198,6 @@ def raise_if_interrupted() -> None:
     session = _current.get()
     if session is not None and session.interrupted:
         raise KeyboardInterrupt
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def mark_crashed(flow_run_ids: list[str], message: str) -> None:
