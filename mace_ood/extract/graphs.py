@@ -42,6 +42,7 @@ class Graph:
     shifts: np.ndarray  # (n_edges, 3) unit_shifts @ cell, in Å
     cell: np.ndarray  # (3, 3), non-periodic directions stretched as mace does
     head: int
+    shortest_edge: tuple[int, int, float] | None = None  # (sender, receiver, length in Å), from vesin's distances
 
     @property
     def num_nodes(self) -> int:
@@ -55,7 +56,9 @@ class Graph:
 class GraphBuilder:
     """Builds :class:`Graph` objects for one model: its atomic numbers, cutoff, dtype and head."""
 
-    def __init__(self, atomic_numbers: list[int], cutoff: float, dtype: torch.dtype, head: int) -> None:
+    def __init__(self, atomic_numbers: list[int], cutoff: float, dtype: torch.dtype, head: int,
+                 threads: int = 0) -> None:
+        """``threads``: vesin's threads (0: all cores); 1 where the model runs on the same CPU."""
         from vesin import NeighborList
 
         self.cutoff = float(cutoff)
@@ -63,7 +66,7 @@ class GraphBuilder:
         self.head = int(head)
         self._index = np.full(max(atomic_numbers) + 1, -1, dtype=np.int64)
         self._index[np.asarray(atomic_numbers)] = np.arange(len(atomic_numbers))
-        self._neighbours = NeighborList(cutoff=self.cutoff, full_list=True)
+        self._neighbours = NeighborList(cutoff=self.cutoff, full_list=True, n_threads=threads)
 
     def __call__(self, atoms) -> Graph:
         numbers = atoms.numbers
@@ -81,23 +84,31 @@ class GraphBuilder:
             cell[axis] = 0.0
             cell[axis, axis] = stretch
         if len(positions):
-            sender, receiver, unit_shifts = self._neighbours.compute(
-                points=positions, box=cell, periodic=pbc.tolist(), quantities="ijS")
+            sender, receiver, unit_shifts, lengths = self._neighbours.compute(
+                points=positions, box=cell, periodic=pbc.tolist(), quantities="ijSd")
         else:
             sender = receiver = np.zeros(0, dtype=np.int64)
             unit_shifts = np.zeros((0, 3), dtype=np.int64)
+            lengths = np.zeros(0)
         # vesin keeps no pair of an atom with itself in its own cell already; mace drops them too
-        keep = ~((sender == receiver) & ~unit_shifts.any(axis=1))
-        sender, receiver = sender[keep].astype(np.int64), receiver[keep].astype(np.int64)
-        unit_shifts = unit_shifts[keep].astype(np.float64)
+        self_pairs = (sender == receiver) & ~unit_shifts.any(axis=1)
+        if self_pairs.any():
+            keep = ~self_pairs
+            sender, receiver, unit_shifts, lengths = sender[keep], receiver[keep], unit_shifts[keep], lengths[keep]
+        shortest = None
+        if len(lengths):
+            k = int(np.argmin(lengths))
+            shortest = (int(sender[k]), int(receiver[k]), float(lengths[k]))
+        unit_shifts = unit_shifts.astype(np.float64)
         return Graph(
             positions=positions.astype(self.dtype),
             species=self._index[numbers],
-            edge_index=np.stack((sender, receiver)),
+            edge_index=np.stack((sender, receiver)).astype(np.int64, copy=False),
             unit_shifts=unit_shifts.astype(self.dtype),
             shifts=(unit_shifts @ cell).astype(self.dtype),
             cell=cell.astype(self.dtype),
             head=self.head,
+            shortest_edge=shortest,
         )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from mace_ood.extract.graphs import GraphBuilder, collate, reads_only_the_graph
+from mace_ood.extract.graphs import Graph, GraphBuilder, collate, reads_only_the_graph
 from mace_ood.extract.models import (
     DTYPES,
     cached_model,
@@ -119,7 +119,9 @@ class LatentExtractor:
         self._graph_builder = None
         if reads_only_the_graph(self.model):
             head = self.heads.index(self.head) if self.head in self.heads else len(self.heads) - 1  # as AtomicData
-            self._graph_builder = GraphBuilder(self.atomic_numbers, self.r_max, self.dtype, head)
+            # on the CPU the loader runs beside the model, whose threads have the cores
+            threads = 1 if self.device == "cpu" else 0
+            self._graph_builder = GraphBuilder(self.atomic_numbers, self.r_max, self.dtype, head, threads)
 
     def graph(self, atoms: Atoms):
         """One structure's graph in the model's dtype: a :class:`~mace_ood.extract.graphs.Graph` (vesin's
@@ -290,14 +292,19 @@ class LatentExtractor:
 
 def close_atoms(graph) -> str | None:
     """Why a graph's atoms are too close (< MIN_DISTANCE_A), from its own edges; else None."""
-    edges = np.asarray(graph["edge_index"])  # numpy: for a small cell, torch's per-call cost dominated
-    if edges.shape[1] == 0:
+    if isinstance(graph, Graph):
+        if graph.shortest_edge is None:
+            return None
+        i, j, length = graph.shortest_edge
+    else:  # mace's AtomicData: lengths from its edges
+        edges = np.asarray(graph["edge_index"])  # numpy: for a small cell, torch's per-call cost dominated
+        if edges.shape[1] == 0:
+            return None
+        positions = np.asarray(graph["positions"])
+        vectors = positions[edges[1]] - positions[edges[0]] + np.asarray(graph["shifts"])
+        lengths = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+        k = int(np.argmin(lengths))
+        i, j, length = int(edges[0, k]), int(edges[1, k]), float(lengths[k])
+    if length >= MIN_DISTANCE_A:
         return None
-    positions = np.asarray(graph["positions"])
-    vectors = positions[edges[1]] - positions[edges[0]] + np.asarray(graph["shifts"])
-    lengths = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
-    k = int(np.argmin(lengths))
-    if float(lengths[k]) >= MIN_DISTANCE_A:
-        return None
-    i, j = int(edges[0, k]), int(edges[1, k])
-    return f"atoms {min(i, j)} and {max(i, j)} are {float(lengths[k]):.3f} A apart (< {MIN_DISTANCE_A} A)"
+    return f"atoms {min(i, j)} and {max(i, j)} are {length:.3f} A apart (< {MIN_DISTANCE_A} A)"

@@ -138,6 +138,16 @@ class StructureFeed:
         self.consumed = skip_inputs
         self.allowed = set(extractor.atomic_numbers)
         self.seen_ids: set[str] = set(seen_ids or ())  # on resume: every id read before the kill
+        self._formulas: dict[bytes, str] = {}
+
+    def formula(self, atoms) -> str:
+        """``atoms.get_chemical_formula()``, once per composition (the frames of an MD run share one)."""
+        key = atoms.numbers.tobytes()
+        if key not in self._formulas:
+            if len(self._formulas) > 4096:
+                self._formulas.clear()
+            self._formulas[key] = atoms.get_chemical_formula()
+        return self._formulas[key]
 
     def skip(self, ref: StructureRef, reason: str, consumed: int) -> None:
         self.skipped.append({**asdict(ref), "reason": reason, "consumed": consumed})
@@ -161,7 +171,7 @@ class StructureFeed:
             content = structure_hash(atoms)
             # the table's text is made here, in the loader thread, not on the model's thread
             item = {"ref": ref, "atoms": atoms, "hash": content, "output": None, "consumed": index + 1,
-                    "formula": atoms.get_chemical_formula(), "info_json": json.dumps(info_fields(atoms.info))}
+                    "formula": self.formula(atoms), "info_json": json.dumps(info_fields(atoms.info))}
             if self.previous is not None and self.previous.has(content):
                 item["copy"] = True  # read in the main thread: HDF5 is not thread-safe
             else:

@@ -59,6 +59,15 @@ def test_edges_shifts_and_cells_equal_mace_s(name):
     np.testing.assert_array_equal(graph.positions, atoms.positions)
     if name == "small-cell":
         assert any(s == r for s, r, *_ in ours)  # an atom's own periodic images are its neighbours
+    # the shortest edge (the close-atoms check reads it) against lengths from mace's own edges
+    if len(theirs) == 0:
+        assert graph.shortest_edge is None
+        return
+    lengths = np.linalg.norm(atoms.positions[edge_index[1]] - atoms.positions[edge_index[0]] + shifts, axis=1)
+    sender, receiver, length = graph.shortest_edge
+    assert length == pytest.approx(lengths.min(), abs=1e-9)
+    pair_lengths = lengths[(edge_index[0] == sender) & (edge_index[1] == receiver)]
+    assert np.isclose(pair_lengths, length, atol=1e-9).any()
 
 
 def test_an_element_outside_the_model_s_table_is_named():
