@@ -47,6 +47,7 @@ test: setup
 bench: setup
 	$(SCRIPT) benchmarks/extraction.py
 	$(SCRIPT) benchmarks/batching.py
+	$(SCRIPT) benchmarks/loader.py
 	$(SCRIPT) benchmarks/scoring.py
 	$(SCRIPT) benchmarks/selection.py
 	$(SCRIPT) benchmarks/all_scores.py --atoms 100000

@@ -84,6 +84,15 @@ def living(processes) -> list:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def stop_serve(serve: subprocess.Popen) -> None:
+    serve.terminate()
+    try:
+        serve.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        print("`mace-ood serve` did not exit within 30 s of SIGTERM: killed", flush=True)
+        serve.kill()
+
+
 def cancel_pass(client, serve_pid: int, run_dir: Path) -> dict:
     """Trigger the served deployment, cancel its run once structures are durable."""
     import psutil
@@ -202,14 +211,13 @@ def main() -> None:
                     if outcome.get("tracebacks") or not outcome.get("one_line", True):
                         print(outcome["stderr_after"], flush=True)
                     shutil.rmtree(run_dir, ignore_errors=True)
+            # while its server is up: with the server gone, Prefect's runner retries pausing the
+            # deployment against it for over a minute (measured 2026-12-08: 3.3 s up, > 60 s gone)
+            stop_serve(serve)
+            serve = None
     finally:
         if serve is not None:
-            serve.terminate()
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print("`mace-ood serve` did not exit within 30 s of SIGTERM: killed", flush=True)
-                serve.kill()
+            stop_serve(serve)
         for burner in burners:
             burner.terminate()
     print(f"\n{args.repeats} passes per case, {args.load} busy-loop processes beside them, {os.cpu_count()} cores\n")
