@@ -55,6 +55,14 @@ def structures(n_atoms: int, count: int, seed: int = 0):
     return out
 
 
+def dataset(workdir: Path, n_atoms: int, atoms_per_size: int) -> tuple[list, Path]:
+    """The structures of one size (``atoms_per_size`` atoms in all, at least 2) and the extxyz file of them."""
+    frames = structures(n_atoms, max(2, atoms_per_size // n_atoms))
+    path = workdir / f"s{n_atoms}.xyz"
+    ase.io.write(path, frames)
+    return frames, path
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -163,11 +171,9 @@ def main() -> None:
           "get_descriptors / bare | forces on: bare loop (atoms/s) | mace-ood / bare | mace_eval_configs / bare |")
     print("|---|---|---|---|---|---|---|---|")
     for n_atoms in args.sizes:
-        count = max(2, args.atoms_per_size // n_atoms)
-        frames = structures(n_atoms, count)
-        data = workdir / f"s{n_atoms}.xyz"
+        frames, data = dataset(workdir, n_atoms, args.atoms_per_size)
+        count = len(frames)
         one = workdir / f"one{n_atoms}.xyz"
-        ase.io.write(data, frames)
         ase.io.write(one, frames[:1])
         total = n_atoms * count
         bare_batch = args.batch_size or max(1, BUDGET // n_atoms)  # the batches mace-ood's default makes

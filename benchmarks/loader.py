@@ -33,12 +33,11 @@ from mace_ood.runtime import apply_environment_defaults
 
 apply_environment_defaults()  # before torch starts OpenMP
 
-import ase.io  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from extraction import BUDGET, SIZES, bare_loop, structures  # noqa: E402
+from extraction import BUDGET, SIZES, bare_loop, dataset  # noqa: E402
 
 from mace_ood.extract.batches import batches, collated  # noqa: E402
 from mace_ood.extract.reuse import structure_hash  # noqa: E402
@@ -82,11 +81,8 @@ def main() -> None:
           "formula, info | whole loader | model, latents only | model, forces on |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n_atoms in args.sizes:
-        count = max(2, args.atoms_per_size // n_atoms)
-        frames = structures(n_atoms, count)
-        data = workdir / f"s{n_atoms}.xyz"
-        ase.io.write(data, frames)
-        total = n_atoms * count
+        frames, data = dataset(workdir, n_atoms, args.atoms_per_size)
+        total = n_atoms * len(frames)
         read = [a for _, a in iter_structures([str(data)])]
         graphs = [extractor.graph(a) for a in read]
 
