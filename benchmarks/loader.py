@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from mace_ood.runtime import apply_environment_defaults
@@ -37,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from extraction import BUDGET, SIZES, bare_loop, dataset  # noqa: E402
+from extraction import BUDGET, SIZES, bare_loop, dataset, timed  # noqa: E402
 
 from mace_ood.extract.batches import batches, collated  # noqa: E402
 from mace_ood.extract.reuse import structure_hash  # noqa: E402
@@ -51,12 +50,6 @@ from mace_ood.testing import build_tiny_mace  # noqa: E402
 def per_atom(seconds: list[float], atoms: int) -> str:
     values = [1e6 * s / atoms for s in seconds]
     return f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
